@@ -61,7 +61,7 @@ def param(
     default_factory: Any = None,
     **constraints: Any,
 ) -> Any:
-    """A pydantic Field with Nyx's metadata in `json_schema_extra["nyx"]` (JSON-clean, so the JSON schema has it too)."""
+    """A pydantic Field with Nyx's metadata in `json_schema_extra["nyx"]` (JSON-clean: the JSON schema has it too)."""
     extra: dict[str, Any] = {
         "nyx": {
             "group": group,
@@ -82,16 +82,15 @@ def meta_of(info: FieldInfo) -> ParamMeta | None:
     extra = info.json_schema_extra
     if not isinstance(extra, dict) or "nyx" not in extra:
         return None
-    raw = extra["nyx"]
-    assert isinstance(raw, dict)
+    raw: dict[str, Any] = extra["nyx"]  # type: ignore[assignment]
     return ParamMeta(
         group=str(raw["group"]),
         advanced=bool(raw["advanced"]),
-        families=tuple(Family(f) for f in raw["families"]),  # type: ignore[union-attr]
-        kohya=raw.get("kohya"),  # type: ignore[arg-type]
-        unit=raw.get("unit"),  # type: ignore[arg-type]
+        families=tuple(Family(f) for f in raw["families"]),
+        kohya=raw.get("kohya"),
+        unit=raw.get("unit"),
         path=bool(raw.get("path", False)),
-        example=raw.get("example"),  # type: ignore[arg-type]
+        example=raw.get("example"),
     )
 
 
