@@ -135,11 +135,13 @@ def iter_params(model: type[BaseModel], prefix: str = "") -> Iterator[Param]:
     for name, info in model.model_fields.items():
         key = f"{prefix}{name}"
         meta = meta_of(info)
-        if meta is not None:
-            yield Param(path=key, name=name, info=info, meta=meta, annotation=info.annotation)
-            continue
         sub, is_list = _section_model(info.annotation)
-        if sub is not None:
+        if meta is not None:
+            # a declared list of tables (`dataset.subsets`) is a parameter and so is each key inside it
+            yield Param(path=key, name=name, info=info, meta=meta, annotation=info.annotation)
+            if sub is not None and is_list:
+                yield from iter_params(sub, f"{key}[].")
+        elif sub is not None:
             yield from iter_params(sub, f"{key}[]." if is_list else f"{key}.")
 
 

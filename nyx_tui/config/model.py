@@ -18,7 +18,9 @@ ScalarArg = bool | int | float | str
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+    # allow_inf_nan=False: no parameter means anything as inf/nan, and pydantic's JSON-mode dump writes
+    # them as null, which TOML cannot hold (a config that validates must also save and load again).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------- choices
@@ -127,6 +129,13 @@ class SubsetConfig(_Section):
         advanced=True,
         kohya="caption_extension",
     )
+
+    @field_validator("caption_extension")
+    @classmethod
+    def _dot(cls, v: str | None) -> str | None:
+        if v is not None and (not v.startswith(".") or len(v) < 2 or "/" in v):
+            raise ValueError('must be a file extension starting with a dot, such as ".txt" or ".caption"')
+        return v
 
 
 class DatasetSection(_Section):
