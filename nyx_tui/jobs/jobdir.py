@@ -145,6 +145,24 @@ class JobDir:
         finally:
             os.close(fd)
 
+    def try_lock(self, wait_s: float = 0.0) -> int | None:
+        """Take the job's lock (exclusive flock); return its fd, or None if someone else holds it.
+
+        Retries for `wait_s`: a view probing liveness (`supervisor_alive`) holds the lock for a few
+        microseconds, and that must not read as "another supervisor". Closing the fd releases it.
+        """
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return None
+                time.sleep(0.05)
+
     def effective_state(self) -> str:
         """The state a view should show: an active job whose supervisor is gone is `lost`."""
         state = str(self.status().get("state", "queued"))
