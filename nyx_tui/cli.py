@@ -122,7 +122,11 @@ def _start_training(config_file: Path, err: Console) -> Any:
         Store().upsert(job_summary(job))
     except Exception as e:  # the store is an index; the job dir is the truth
         err.print(f"[yellow]warning[/]: could not record the job in the store: {e}")
-    wait_started(job)
+    try:
+        wait_started(job)
+    except TimeoutError as e:
+        err.print(f"[red]error[/]: {e}", highlight=False)
+        raise SystemExit(EXIT_FAILED) from None
     return job
 
 

@@ -133,6 +133,7 @@ def _short_config(ws: Path, steps: int, **training: Any) -> Path:
 
     data = preset_data("demo-tiny-cpu")
     data.setdefault("training", {}).update({"max_steps": steps, **training})
+    data.setdefault("scheduler", {})["warmup_steps"] = 0
     data.setdefault("saving", {})["every_n_steps"] = 0
     path = ws / f"short-{steps}.toml"
     path.write_text(tomli_w.dumps(data))
@@ -152,7 +153,7 @@ def test_detached_train_finishes_alone_and_a_killed_attach_does_not_touch_it(
     demo: dict[str, Any], tmp_path: Path
 ) -> None:
     home = tmp_path / "home"
-    config = _short_config(demo["ws"], steps=60)
+    config = _short_config(demo["ws"], steps=400)
     proc = run_nyx("train", str(config), "--detach", home=home, timeout=60)
     assert proc.returncode == 0, proc.stderr
     job = _job(home, proc.stdout.strip())
@@ -178,7 +179,7 @@ def test_detached_train_finishes_alone_and_a_killed_attach_does_not_touch_it(
     assert job.effective_state() == "running"
     wait_for(lambda: job.effective_state() in TERMINAL, timeout=180)
     assert job.effective_state() == "finished"
-    assert _steps(job) == 60
+    assert _steps(job) == 400
 
 
 def _parent_pid(pid: int) -> int:
@@ -189,7 +190,7 @@ def _parent_pid(pid: int) -> int:
 @pytest.mark.slow
 def test_attach_follows_to_the_end_and_ctrl_c_only_detaches(demo: dict[str, Any], tmp_path: Path) -> None:
     home = tmp_path / "home"
-    config = _short_config(demo["ws"], steps=40)
+    config = _short_config(demo["ws"], steps=300)
     proc = run_nyx("train", str(config), "--detach", home=home, timeout=60)
     job = _job(home, proc.stdout.strip())
     env = {**os.environ, "NYX_HOME": str(home)}

@@ -1,0 +1,256 @@
+"""The embedded default: a tiny SD1.5-shaped model and a learnable synthetic dataset, made offline.
+
+`nyx demo` and the tests need a model and images without a hub. The model has the real SD1.5
+architecture (UNet with cross-attention blocks, CLIP text encoder, an 8x-downsampling VAE, the SD1.5 noise
+schedule) at toy width, with seeded random weights, saved as a diffusers `StableDiffusionPipeline` folder
+so the native engine loads it exactly like a real one and the LoRA it trains loads back into diffusers.
+The dataset is a few coloured shapes on plain backgrounds with captions that name them, which even a
+random-weight model can learn to denoise better within a minute.
+
+    python -m nyx_tui.demo_assets WORKSPACE   # writes WORKSPACE/model and WORKSPACE/dataset, prints JSON
+
+Heavy imports (torch, diffusers, transformers) happen inside the functions, so importing this module
+from the CLI costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+MODEL_SEED = 0
+DATASET_SEED = 0
+TOKEN_MAX_LENGTH = 77
+
+# files a complete diffusers SD folder has (checked for idempotence)
+_MODEL_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/tokenizer_config.json",
+    "text_encoder/config.json",
+    "unet/config.json",
+    "vae/config.json",
+)
+_WEIGHT_DIRS = ("text_encoder", "unet", "vae")
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (30, 60, 220),
+    "yellow": (240, 210, 30),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+SHAPES = ("circle", "square", "triangle")
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2/CLIP's reversible byte-to-character map: printable bytes stand for themselves, the rest are
+    shifted above 255 so that no byte becomes whitespace or a control character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def _byte_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE vocabulary in CLIP's shape, built offline (NOTES: "CLIP tokenizer offline").
+
+    The 256 byte characters, the same with the `</w>` end-of-word marker, a few merges of the letters the
+    demo captions use most, and the two special tokens. Every merge piece is in the vocab.
+    """
+    chars = _byte_chars()
+    tokens = chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = [("a", "n"), ("o", "n"), ("r", "e"), ("e", "d</w>"), ("i", "n")]
+    for a, b in merges:
+        tokens.append(a + b)
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+    return vocab, merges
+
+
+def _tokenizer() -> Any:
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _byte_vocab()
+    # merges in memory must be tuples (NOTES), whatever the annotation says
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TOKEN_MAX_LENGTH)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+def _model_complete(model_dir: Path) -> bool:
+    if not all((model_dir / f).is_file() for f in _MODEL_FILES):
+        return False
+    return all(any((model_dir / d).glob("*.safetensors")) for d in _WEIGHT_DIRS)
+
+
+def build_tiny_sd15(model_dir: Path | str, *, seed: int = MODEL_SEED) -> Path:
+    """Write a tiny random-weight SD1.5-architecture pipeline in diffusers format to `model_dir`.
+
+    Deterministic for a seed (weights are drawn right after `torch.manual_seed`). Written to a temp
+    folder beside the target and renamed into place, so a crash never leaves a half model behind.
+    Returns the folder.
+    """
+    import torch
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar in the demo's log
+    model_dir = Path(model_dir)
+    tokenizer = _tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=TOKEN_MAX_LENGTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=32,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        num_train_timesteps=1000,
+        clip_sample=False,
+        steps_offset=1,
+    )
+    parts: list[Any] = [unet, text_encoder, vae]  # Any: diffusers' lazy modules hide methods from mypy
+    for module in parts:
+        module.eval()  # built from a config: train mode (NOTES); saved weights are the same either way
+    pipe: Any = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    tmp = model_dir.with_name(f".{model_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    tmp.rename(model_dir)
+    return model_dir
+
+
+# ------------------------------------------------------------------------------------------ the dataset
+
+
+def _draw(
+    shape: str, colour: tuple[int, int, int], bg: tuple[int, int, int], size: int, rng: random.Random
+) -> Image.Image:
+    img = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(img)
+    r = rng.randint(size // 5, size // 3)
+    cx = rng.randint(r + 2, size - r - 2)
+    cy = rng.randint(r + 2, size - r - 2)
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+    elif shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=colour)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    return img
+
+
+def _dataset_complete(dataset_dir: Path) -> bool:
+    pngs = list(dataset_dir.glob("*.png")) if dataset_dir.is_dir() else []
+    return bool(pngs) and all(p.with_suffix(".txt").is_file() for p in pngs) and (dataset_dir / ".complete").is_file()
+
+
+def make_shapes_dataset(dataset_dir: Path | str, n: int = 24, *, size: int = 64, seed: int = DATASET_SEED) -> Path:
+    """Write `n` images of coloured shapes on plain backgrounds with captions naming them (png + txt).
+
+    Captions are comma-separated tags with a trigger word first ("nyxshape, red circle, white
+    background"), so shuffle_caption/keep_tokens have something to work on. Deterministic for a seed.
+    A `.complete` marker is written last so a half-written folder is never mistaken for a finished one.
+    """
+    dataset_dir = Path(dataset_dir)
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    colours, bgs = list(COLOURS), list(BACKGROUNDS)
+    for i in range(n):
+        shape = SHAPES[i % len(SHAPES)]
+        colour = colours[(i // len(SHAPES)) % len(colours)]
+        bg = bgs[(i // (len(SHAPES) * len(colours))) % len(bgs)]
+        stem = f"{i:03d}_{colour}_{shape}"
+        _draw(shape, COLOURS[colour], BACKGROUNDS[bg], size, rng).save(dataset_dir / f"{stem}.png")
+        (dataset_dir / f"{stem}.txt").write_text(f"nyxshape, {colour} {shape}, {bg} background\n")
+    (dataset_dir / ".complete").write_text(f"{n}\n")
+    return dataset_dir
+
+
+# ------------------------------------------------------------------------------------------ entry point
+
+
+def ensure_demo_assets(workspace: Path | str) -> dict[str, str]:
+    """Make `<workspace>/model` and `<workspace>/dataset` unless both are already complete."""
+    workspace = Path(workspace)
+    workspace.mkdir(parents=True, exist_ok=True)
+    model_dir, dataset_dir = workspace / "model", workspace / "dataset"
+    if not _model_complete(model_dir):
+        build_tiny_sd15(model_dir)
+    if not _dataset_complete(dataset_dir):
+        make_shapes_dataset(dataset_dir)
+    return {"model": str(model_dir), "dataset": str(dataset_dir)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m nyx_tui.demo_assets WORKSPACE", file=sys.stderr)
+        return 2
+    print(json.dumps(ensure_demo_assets(args[0])), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
