@@ -65,7 +65,7 @@ def bare_step_times(ws: Path, steps: int, batch: int, resolution: int, device: s
 
     images = sorted((ws / "dataset").glob("*.png"))
     pixels = torch.stack([
-        torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((resolution, resolution)))).permute(2, 0, 1)
+        torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((resolution, resolution)))).permute(2, 0, 1)
         for p in images
     ]).float() / 127.5 - 1
     captions = [p.with_suffix(".txt").read_text().strip() for p in images]
