@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from nyx_tui import __version__, paths
+from nyx_tui import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -218,41 +217,20 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------------------- demo
 
 
-def _prepare_demo_workspace(ws: Path, err: Console) -> bool:
-    """Tiny model + synthetic dataset, made in a worker process (torch never enters this process)."""
-    with err.status("building the tiny SD1.5 model and the synthetic dataset…"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "nyx_tui.demo_assets", str(ws)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    if proc.returncode != 0:
-        err.print("[red]error[/]: could not build the demo workspace:")
-        err.print(proc.stdout[-2000:] + proc.stderr[-4000:], markup=False)
-        return False
-    return True
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    import tomli_w
-
-    from nyx_tui.config.presets import preset_data
+    from nyx_tui import demo
 
     err = _console(stderr=True)
     # with --json the last line of stdout is the JSON answer: the live display goes to stderr
     view = _console(stderr=args.json)
-    ws = Path(args.workspace).expanduser().resolve() if args.workspace else paths.demo_workspace()
-    ws.mkdir(parents=True, exist_ok=True)
-    if not _prepare_demo_workspace(ws, err):
+    ws = demo.workspace(args.workspace)
+    try:
+        with err.status("building the tiny SD1.5 model and the synthetic dataset…"):
+            demo.prepare_workspace(ws)
+    except demo.DemoError as e:
+        err.print(f"[red]error[/]: {e}", markup=True, highlight=False)
         return EXIT_FAILED
-    data = preset_data("demo-tiny-cpu")
-    if args.steps:
-        data.setdefault("training", {})["max_steps"] = args.steps
-    config_file = ws / "demo.toml"
-    from nyx_tui.jobs.jobdir import atomic_write
-
-    atomic_write(config_file, "# written by `nyx demo` from preset demo-tiny-cpu\n" + tomli_w.dumps(data))
+    config_file = demo.write_config(ws, steps=args.steps)
     if not args.headless:
         err.print("(the live TUI dashboard is not built yet; following the job here)")
     job = _start_training(config_file, err)
