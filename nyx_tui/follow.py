@@ -127,6 +127,14 @@ def print_end(console: Console, job: JobDir, end: dict[str, Any]) -> None:
         console.print("  last lines of output.log:")
         for line in end["last_lines"][-15:]:
             console.print(f"    {line}", markup=False, highlight=False)
+    steps = [e for e in job.events() if e.get("kind") == "step"]
+    if steps:
+        first, last = steps[0], steps[-1]
+        console.print(
+            f"  steps {last.get('step')}/{last.get('total')}, loss (moving average) "
+            f"{first.get('loss_avg', float('nan')):.4f} → {last.get('loss_avg', float('nan')):.4f}",
+            highlight=False,
+        )
     for a in job.artifacts():
         if a.get("what") == "lora":
             console.print(f"  lora: {a['path']}", highlight=False)
