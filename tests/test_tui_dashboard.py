@@ -1,0 +1,312 @@
+"""Dashboard tests: Pilot behaviour and snapshots. Deterministic: fixed job ids, fixed event times,
+fixed terminal sizes, `NYX_GPU=none`."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual.app import App
+from textual.message import Message
+from textual.pilot import Pilot
+from textual.reactive import reactive
+
+from nyx_tui.jobs import jobdir
+from nyx_tui.jobs.events import EventWriter
+from nyx_tui.jobs.jobdir import JobDir, create_job
+from nyx_tui.screens.dashboard import ConfirmScreen, DashboardScreen
+from nyx_tui.screens.messages import ControlJob, OpenJob
+
+
+@pytest.fixture(autouse=True)
+def _env(nyx_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("NYX_GPU", "none")
+    yield
+
+
+class HostApp(App[None]):
+    """Stands in for NyxApp: owns `current_job`, pushes the dashboard, records messages."""
+
+    current_job: reactive[str | None] = reactive(None)
+
+    def __init__(self, job_id: str | None = None) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.messages: list[Message] = []
+        self.copied: list[str] = []
+
+    def on_mount(self) -> None:
+        self.current_job = self.job_id
+        self.push_screen(DashboardScreen(self.job_id))
+
+    def on_control_job(self, message: ControlJob) -> None:
+        self.messages.append(message)
+
+    def on_open_job(self, message: OpenJob) -> None:
+        self.messages.append(message)
+        self.current_job = message.job_id
+
+    def copy_to_clipboard(self, text: str) -> None:
+        self.copied.append(text)
+
+
+class T:
+    """A fixed clock for event times."""
+
+    def __init__(self) -> None:
+        self.t = 1_795_846_583.0
+
+    def __call__(self) -> float:
+        self.t += 0.5
+        return self.t
+
+
+def make_job(monkeypatch: pytest.MonkeyPatch, name: str, *, running: bool) -> tuple[JobDir, EventWriter, int | None]:
+    monkeypatch.setattr(jobdir, "new_job_id", lambda n, root=None: f"20261128-120000-{n}")
+    job = create_job("train", name, ["true"])
+    fd = None
+    if running:
+        fd = job.try_lock()
+        assert fd is not None
+        job.write_status(state="running")
+    return job, EventWriter(job.events_path), fd
+
+
+def emit(w: EventWriter, clock: T, kind: str, **fields: Any) -> None:
+    """Like EventWriter.emit with a fixed `t`."""
+    import json
+
+    event = {"v": 1, "t": clock(), "kind": kind, **fields}
+    os.write(w._fd, (json.dumps(event) + "\n").encode())
+
+
+def emit_steps(w: EventWriter, clock: T, first: int, last: int, total: int = 400) -> None:
+    for i in range(first, last + 1):
+        loss = 0.12 + 0.08 * math.exp(-i / 80) + 0.02 * math.sin(i * 1.7)
+        avg = 0.12 + 0.08 * math.exp(-i / 80)
+        emit(
+            w,
+            clock,
+            "step",
+            step=i,
+            total=total,
+            epoch=1 + (i - 1) // 100,
+            loss=round(loss, 5),
+            loss_avg=round(avg, 5),
+            lr=[1e-4],
+            it_s=2.5,
+            eta_s=(total - i) / 2.5,
+        )
+
+
+def running_history(w: EventWriter, clock: T, upto: int = 250) -> None:
+    emit(w, clock, "start", job="j", job_kind="train", total_steps=400, total_epochs=4)
+    emit(w, clock, "log", level="info", message="loading model")
+    emit(w, clock, "log", level="warning", message="xformers not available, using sdpa")
+    emit_steps(w, clock, 1, upto // 2)
+    emit(w, clock, "artifact", path=f"output/mychar-{upto // 2:06d}.safetensors", what="lora", step=upto // 2)
+    emit(
+        w,
+        clock,
+        "sample",
+        step=upto // 2,
+        images=[f"output/samples/{upto // 2:06d}-0.png"],
+        prompts=["a photo of mychar"],
+    )
+    emit(w, clock, "log", level="info", message=f"saved output/mychar-{upto // 2:06d}.safetensors")
+    emit_steps(w, clock, upto // 2 + 1, upto)
+
+
+async def settle(pilot: Pilot[Any], until: Any = None, timeout: float = 5.0) -> DashboardScreen:
+    screen = pilot.app.screen
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        await pilot.pause(0.05)
+        screen = pilot.app.screen
+        if isinstance(screen, DashboardScreen) and screen.replayed and (until is None or until(screen)):
+            await pilot.pause()
+            return screen
+    raise AssertionError("dashboard did not settle")
+
+
+def header(screen: DashboardScreen) -> str:
+    return str(screen.query_one("#header").render())
+
+
+# ---------------------------------------------------------------------------- Pilot tests
+def test_replay_shows_step_and_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    job, w, fd = make_job(monkeypatch, "replay", running=True)
+    running_history(w, T())
+
+    async def run() -> None:
+        app = HostApp(job.id)
+        async with app.run_test(size=(120, 36)) as pilot:
+            screen = await settle(pilot)
+            text = header(screen)
+            assert "step 250/400" in text and "▶ running" in text and "loss 0." in text
+            assert screen.series.final_lora() == "output/mychar-000125.safetensors"
+            assert len(screen.series.history()) == 250
+
+    asyncio.run(run())
+    os.close(fd or -1)
+
+
+def test_live_follow_and_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    job, w, fd = make_job(monkeypatch, "live", running=True)
+    clock = T()
+    running_history(w, clock, upto=10)
+
+    async def run() -> None:
+        app = HostApp(job.id)
+        async with app.run_test(size=(120, 36)) as pilot:
+            screen = await settle(pilot)
+            assert "step 10/400" in header(screen)
+            emit_steps(w, clock, 11, 42)
+            await settle(pilot, lambda s: "step 42/400" in header(s))
+            emit(w, clock, "artifact", path="output/live.safetensors", what="lora", step=42)
+            emit(w, clock, "end", state="finished", exit_code=0)
+            job.write_status(state="finished")
+            screen = await settle(pilot, lambda s: "✔ finished" in header(s))
+            assert "output/live.safetensors" in str(screen.query_one("#endinfo").render())
+            await pilot.press("o")
+            assert app.copied == [str(job.path / "output/live.safetensors")]
+
+    asyncio.run(run())
+    os.close(fd or -1)
+
+
+def test_stop_confirms_then_posts(monkeypatch: pytest.MonkeyPatch) -> None:
+    job, w, fd = make_job(monkeypatch, "stop", running=True)
+    running_history(w, T(), upto=20)
+
+    async def run() -> None:
+        app = HostApp(job.id)
+        async with app.run_test(size=(120, 36)) as pilot:
+            await settle(pilot)
+            await pilot.press("s")
+            await pilot.pause()
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("n")
+            await pilot.pause()
+            assert not [m for m in app.messages if isinstance(m, ControlJob)]
+            await pilot.press("s")
+            await pilot.pause()
+            await pilot.press("y")
+            await pilot.pause()
+            sent = [(m.job_id, m.command) for m in app.messages if isinstance(m, ControlJob)]
+            assert sent == [(job.id, "stop")]
+            await pilot.press("x", "y")
+            await pilot.pause()
+            await pilot.press("v", "p")
+            await pilot.pause()
+            sent = [(m.job_id, m.command) for m in app.messages if isinstance(m, ControlJob)]
+            assert sent == [(job.id, c) for c in ("stop", "cancel", "save_now", "sample_now")]
+
+    asyncio.run(run())
+    os.close(fd or -1)
+
+
+def test_save_now_refused_on_ended_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    job, w, _ = make_job(monkeypatch, "ended", running=False)
+    clock = T()
+    running_history(w, clock, upto=20)
+    emit(w, clock, "end", state="cancelled", reason="stopped on request", exit_code=0)
+    job.write_status(state="cancelled")
+
+    async def run() -> None:
+        app = HostApp(job.id)
+        async with app.run_test(size=(120, 36)) as pilot:
+            screen = await settle(pilot)
+            assert "■ cancelled" in header(screen)
+            await pilot.press("v", "s")
+            await pilot.pause()
+            assert not isinstance(app.screen, ConfirmScreen)
+            assert not app.messages
+
+    asyncio.run(run())
+
+
+def test_empty_state_and_cycle(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, wa, fa = make_job(monkeypatch, "a", running=True)
+    b, wb, fb = make_job(monkeypatch, "b", running=True)
+    running_history(wa, T(), upto=5)
+    running_history(wb, T(), upto=7)
+
+    async def run() -> None:
+        app = HostApp(None)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause(0.2)
+            screen = app.screen
+            assert isinstance(screen, DashboardScreen)
+            assert screen.query_one("#empty").display
+            await pilot.press("right_square_bracket")
+            screen = await settle(pilot, lambda s: s.job is not None and s.job.id == a.id)
+            assert "step 5/400" in header(screen)
+            await pilot.press("right_square_bracket")
+            screen = await settle(pilot, lambda s: s.job is not None and s.job.id == b.id and "step 7/" in header(s))
+            assert [m.job_id for m in app.messages if isinstance(m, OpenJob)] == [a.id, b.id]
+
+    asyncio.run(run())
+    os.close(fa or -1)
+    os.close(fb or -1)
+
+
+# ---------------------------------------------------------------------------- snapshots
+def _snap_running(monkeypatch: pytest.MonkeyPatch) -> tuple[HostApp, int | None]:
+    job, w, fd = make_job(monkeypatch, "mychar", running=True)
+    running_history(w, T())
+    return HostApp(job.id), fd
+
+
+def test_snapshot_running(snap_compare: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    app, fd = _snap_running(monkeypatch)
+    assert snap_compare(app, terminal_size=(120, 36), run_before=settle)
+    os.close(fd or -1)
+
+
+def test_snapshot_running_80x24(snap_compare: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    app, fd = _snap_running(monkeypatch)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=settle)
+    os.close(fd or -1)
+
+
+def test_snapshot_finished(snap_compare: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    job, w, _ = make_job(monkeypatch, "mychar", running=False)
+    clock = T()
+    running_history(w, clock, upto=400)
+    emit(w, clock, "artifact", path="output/mychar.safetensors", what="lora", step=400)
+    emit(w, clock, "log", level="info", message="saved output/mychar.safetensors")
+    emit(w, clock, "end", state="finished", exit_code=0)
+    job.write_status(state="finished")
+    assert snap_compare(HostApp(job.id), terminal_size=(120, 36), run_before=settle)
+
+
+def test_snapshot_failed(snap_compare: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    job, w, _ = make_job(monkeypatch, "mychar", running=False)
+    clock = T()
+    running_history(w, clock, upto=60)
+    emit(w, clock, "log", level="error", message="torch.OutOfMemoryError: CUDA out of memory")
+    emit(
+        w,
+        clock,
+        "end",
+        state="failed",
+        exit_code=1,
+        error="CUDA out of memory",
+        hint="the GPU ran out of memory: lower training.batch_size, enable gradient checkpointing or lower "
+        "the resolution",
+        last_lines=[
+            "step 60/400",
+            "Traceback (most recent call last):",
+            '  File "train.py", line 412',
+            "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+        ],
+    )
+    job.write_status(state="failed")
+    assert snap_compare(HostApp(job.id), terminal_size=(120, 36), run_before=settle)
