@@ -231,11 +231,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         err.print(f"[red]error[/]: {e}", markup=True, highlight=False)
         return EXIT_FAILED
     config_file = demo.write_config(ws, steps=args.steps)
-    if not args.headless:
-        err.print("(the live TUI dashboard is not built yet; following the job here)")
     job = _start_training(config_file, err)
     if job is None:
         return EXIT_USAGE
+    if not args.headless and not args.json:
+        if _interactive():
+            return _run_tui(job.id)
+        err.print("(not a terminal: following the job here; --headless says so explicitly)")
     rc = _follow(job, view)
     if rc != EXIT_OK:
         return rc
@@ -249,6 +251,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------------------------------- tui
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def _run_tui(job_id: str | None = None) -> int:
+    """The Textual app (imported here: `nyx jobs` must not pay for Textual). Closing it leaves jobs running."""
+    from nyx_tui.app import run
+
+    return run(job_id)
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    job_id = None
+    if args.job:
+        job = _find(args.job, _console(stderr=True))
+        if job is None:
+            return EXIT_USAGE
+        job_id = job.id
+    return _run_tui(job_id)
+
+
 # -------------------------------------------------------------------------------------------------- main
 
 
@@ -260,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(NYX_HOME overrides it).",
     )
     p.add_argument("--version", action="version", version=f"nyx {__version__}")
+    p.epilog = "Without a command, nyx opens the terminal UI (jobs, config form, live dashboard)."
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     cfg = sub.add_parser("config", help="create and check training configs")
@@ -303,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     demo.set_defaults(func=cmd_demo)
+
+    tui = sub.add_parser("tui", help="open the terminal UI (the same as `nyx` with no command)")
+    tui.add_argument("--job", help="open the dashboard on this job (id, unique part of it, or 'last')")
+    tui.set_defaults(func=cmd_tui)
     return p
 
 
@@ -310,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
+        if _interactive():
+            return _run_tui()
+        parser.print_help()  # piped or scripted: a TUI would only spin on a closed stdin
         return EXIT_OK
     try:
         return int(args.func(args))

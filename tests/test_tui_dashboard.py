@@ -1,5 +1,6 @@
 """Dashboard tests: Pilot behaviour and snapshots. Deterministic: fixed job ids, fixed event times,
-fixed terminal sizes, `NYX_GPU=none`."""
+fixed terminal sizes, `NYX_GPU=none` (or a fixed fake GPU report), the halfcell image renderer, and a
+sample image drawn by code."""
 
 from __future__ import annotations
 
@@ -16,17 +17,46 @@ from textual.message import Message
 from textual.pilot import Pilot
 from textual.reactive import reactive
 
+from nyx_tui import gpu
 from nyx_tui.jobs import jobdir
 from nyx_tui.jobs.events import EventWriter
 from nyx_tui.jobs.jobdir import JobDir, create_job
-from nyx_tui.screens.dashboard import ConfirmScreen, DashboardScreen
-from nyx_tui.screens.messages import ControlJob, OpenJob
+from nyx_tui.screens.dashboard import ConfirmScreen, DashboardScreen, JobPickerScreen
+from nyx_tui.screens.messages import ControlJob, OpenJob, StartDemo
 
 
 @pytest.fixture(autouse=True)
 def _env(nyx_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("NYX_GPU", "none")
+    monkeypatch.setenv("NYX_IMAGE_RENDERER", "halfcell")
     yield
+
+
+FAKE_GPU = gpu.GpuReport(
+    gpus=[
+        gpu.GpuInfo(
+            index=0,
+            name="NVIDIA H100 80GB HBM3",
+            util_pct=97,
+            mem_used_mb=61_440,
+            mem_total_mb=81_559,
+            temp_c=64,
+            power_w=612.4,
+            power_limit_w=700.0,
+        )
+    ]
+)
+
+
+def write_sample_png(job: JobDir, rel: str) -> None:
+    """A deterministic 64×64 gradient standing in for a sample image."""
+    from PIL import Image
+
+    path = job.path / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.new("RGB", (64, 64))
+    im.putdata([(x * 4, y * 4, 128) for y in range(64) for x in range(64)])
+    im.save(path)
 
 
 class HostApp(App[None]):
@@ -50,6 +80,9 @@ class HostApp(App[None]):
     def on_open_job(self, message: OpenJob) -> None:
         self.messages.append(message)
         self.current_job = message.job_id
+
+    def on_start_demo(self, message: StartDemo) -> None:
+        self.messages.append(message)
 
     def copy_to_clipboard(self, text: str) -> None:
         self.copied.append(text)
@@ -106,6 +139,8 @@ def emit_steps(w: EventWriter, clock: T, first: int, last: int, total: int = 400
 
 def running_history(w: EventWriter, clock: T, upto: int = 250) -> None:
     emit(w, clock, "start", job="j", job_kind="train", total_steps=400, total_epochs=4)
+    job_path = Path(w.path).parent
+    write_sample_png(JobDir(job_path), f"output/samples/{upto // 2:06d}-0.png")
     emit(w, clock, "log", level="info", message="loading model")
     emit(w, clock, "log", level="warning", message="xformers not available, using sdpa")
     emit_steps(w, clock, 1, upto // 2)
@@ -181,6 +216,31 @@ def test_live_follow_and_end(monkeypatch: pytest.MonkeyPatch) -> None:
     os.close(fd or -1)
 
 
+def test_replay_in_small_chunks_with_a_torn_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replay reads the log in chunks; lines split across chunks and a line still being written when
+    the dashboard opened are neither lost nor read twice."""
+    from nyx_tui.screens import dashboard
+
+    monkeypatch.setattr(dashboard, "REPLAY_CHUNK", 997)
+    job, w, fd = make_job(monkeypatch, "chunks", running=True)
+    clock = T()
+    running_history(w, clock, upto=100)
+    os.write(w._fd, b'{"v":1,"t":1795846999.0,"kind":"step","step":101,"total":400,')  # torn: no newline yet
+
+    async def run() -> None:
+        app = HostApp(job.id)
+        async with app.run_test(size=(120, 36)) as pilot:
+            screen = await settle(pilot)
+            assert "step 100/400" in header(screen)
+            os.write(w._fd, b'"epoch":2,"loss":0.1,"loss_avg":0.1,"lr":[1e-4],"it_s":2.5,"eta_s":1}\n')
+            screen = await settle(pilot, lambda s: "step 101/400" in header(s))
+            assert screen.series.events_seen == 100 + 6 + 1  # steps, start/logs/artifact/sample, the torn one
+            assert [p.step for p in screen.series.history()] == list(range(1, 102))
+
+    asyncio.run(run())
+    os.close(fd or -1)
+
+
 def test_stop_confirms_then_posts(monkeypatch: pytest.MonkeyPatch) -> None:
     job, w, fd = make_job(monkeypatch, "stop", running=True)
     running_history(w, T(), upto=20)
@@ -242,9 +302,9 @@ def test_empty_state_and_cycle(monkeypatch: pytest.MonkeyPatch) -> None:
         app = HostApp(None)
         async with app.run_test(size=(100, 30)) as pilot:
             await pilot.pause(0.2)
-            screen = app.screen
-            assert isinstance(screen, DashboardScreen)
-            assert screen.query_one("#empty").display
+            first = app.screen
+            assert isinstance(first, DashboardScreen)
+            assert first.query_one("#empty").display
             await pilot.press("right_square_bracket")
             screen = await settle(pilot, lambda s: s.job is not None and s.job.id == a.id)
             assert "step 5/400" in header(screen)
@@ -257,6 +317,48 @@ def test_empty_state_and_cycle(monkeypatch: pytest.MonkeyPatch) -> None:
     os.close(fb or -1)
 
 
+def test_pick_any_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, wa, fa = make_job(monkeypatch, "run-a", running=True)
+    running_history(wa, T(), upto=5)
+    b, wb, _ = make_job(monkeypatch, "done-b", running=False)
+    clock = T()
+    running_history(wb, clock, upto=9)
+    emit(wb, clock, "end", state="finished", exit_code=0)
+    b.write_status(state="finished")
+
+    async def run() -> None:
+        app = HostApp(a.id)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await settle(pilot)
+            await pilot.press("j")
+            await pilot.pause(0.2)
+            assert isinstance(app.screen, JobPickerScreen)
+            picker = app.screen.query_one("OptionList")
+            labels = [str(picker.get_option_at_index(i).prompt) for i in range(picker.option_count)]  # type: ignore[attr-defined]
+            assert any("finished" in x and b.id in x for x in labels) and any("running" in x for x in labels)
+            # newest id first: run-a sorts after done-b; the current job is highlighted
+            await pilot.press("down", "enter")
+            screen = await settle(pilot, lambda s: s.job is not None and s.job.id == b.id and "✔ finished" in header(s))
+            assert "step 9/400" in header(screen)
+            assert [m.job_id for m in app.messages if isinstance(m, OpenJob)] == [b.id]
+
+    asyncio.run(run())
+    os.close(fa or -1)
+
+
+def test_empty_state_offers_demo(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def run() -> None:
+        app = HostApp(None)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause(0.1)
+            assert "d  start the demo" in str(app.screen.query_one("#empty-text").render())
+            await pilot.press("d")
+            await pilot.pause(0.1)
+            assert [type(m) for m in app.messages] == [StartDemo]
+
+    asyncio.run(run())
+
+
 # ---------------------------------------------------------------------------- snapshots
 def _snap_running(monkeypatch: pytest.MonkeyPatch) -> tuple[HostApp, int | None]:
     job, w, fd = make_job(monkeypatch, "mychar", running=True)
@@ -264,15 +366,36 @@ def _snap_running(monkeypatch: pytest.MonkeyPatch) -> tuple[HostApp, int | None]
     return HostApp(job.id), fd
 
 
+async def settle_with_image(pilot: Pilot[Any]) -> None:
+    """Settled, the sample thumbnail and the first GPU reading (both from thread workers) are on screen."""
+    await settle(
+        pilot, lambda s: s.query_one("#samples").shown_path is not None and s.query_one("#gpu").report is not None
+    )
+
+
 def test_snapshot_running(snap_compare: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu, "sample", lambda: FAKE_GPU)
     app, fd = _snap_running(monkeypatch)
-    assert snap_compare(app, terminal_size=(120, 36), run_before=settle)
+    assert snap_compare(app, terminal_size=(120, 36), run_before=settle_with_image)
     os.close(fd or -1)
+
+
+def test_snapshot_no_gpu(snap_compare: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    app, fd = _snap_running(monkeypatch)
+    assert snap_compare(app, terminal_size=(120, 36), run_before=settle_with_image)
+    os.close(fd or -1)
+
+
+def test_snapshot_empty(snap_compare: Any) -> None:
+    async def ready(pilot: Pilot[Any]) -> None:
+        await pilot.pause(0.2)
+
+    assert snap_compare(HostApp(None), terminal_size=(100, 30), run_before=ready)
 
 
 def test_snapshot_running_80x24(snap_compare: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     app, fd = _snap_running(monkeypatch)
-    assert snap_compare(app, terminal_size=(80, 24), run_before=settle)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=settle_with_image)
     os.close(fd or -1)
 
 
@@ -284,7 +407,7 @@ def test_snapshot_finished(snap_compare: Any, monkeypatch: pytest.MonkeyPatch) -
     emit(w, clock, "log", level="info", message="saved output/mychar.safetensors")
     emit(w, clock, "end", state="finished", exit_code=0)
     job.write_status(state="finished")
-    assert snap_compare(HostApp(job.id), terminal_size=(120, 36), run_before=settle)
+    assert snap_compare(HostApp(job.id), terminal_size=(120, 36), run_before=settle_with_image)
 
 
 def test_snapshot_failed(snap_compare: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -309,4 +432,4 @@ def test_snapshot_failed(snap_compare: Any, monkeypatch: pytest.MonkeyPatch) -> 
         ],
     )
     job.write_status(state="failed")
-    assert snap_compare(HostApp(job.id), terminal_size=(120, 36), run_before=settle)
+    assert snap_compare(HostApp(job.id), terminal_size=(120, 36), run_before=settle_with_image)

@@ -8,6 +8,7 @@ The screen follows the App's reactive `current_job` and asks the App for things 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -19,14 +20,17 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, Footer, Log, ProgressBar, Sparkline, Static
+from textual.widgets import Button, Footer, OptionList, ProgressBar, Sparkline, Static
+from textual.widgets.option_list import Option
 from textual.worker import get_current_worker
 
 from nyx_tui.jobs.events import EventTail
 from nyx_tui.jobs.jobdir import ACTIVE, TERMINAL, JobDir, find_job, list_jobs
 from nyx_tui.jobs.series import JobSeries, format_duration
 from nyx_tui.widgets.gpu_panel import GpuPanel
+from nyx_tui.widgets.log_view import LogTail
 from nyx_tui.widgets.loss_chart import LossChart
+from nyx_tui.widgets.sample_panel import SamplePanel
 
 STATE_SYMBOL = {
     "queued": "… queued",
@@ -44,7 +48,16 @@ STATE_STYLE = {
     "cancelled": "bold yellow",
     "lost": "bold magenta",
 }
+EMPTY_TEXT = (
+    "No job open.\n\n"
+    "d  start the demo (a tiny LoRA trained on the CPU in about a minute)\n"
+    "2  the config form, to set up a real training run\n"
+    "1  the job list\n"
+    "j  open any job here     [ / ]  cycle running jobs"
+)
+JOB_ACTIONS = frozenset({"stop", "cancel_job", "save_now", "sample_now", "show_lora"})
 POLL_S = 0.25
+REPLAY_CHUNK = 4 << 20  # bytes read per replay step
 REDRAW_S = 0.1
 
 
@@ -86,6 +99,56 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(event.button.id == "yes")
 
 
+class JobPickerScreen(ModalScreen[str | None]):
+    """Pick any job (running or not) to show: newest first, state as a word. The list is read in a
+    thread worker (one status file per job)."""
+
+    DEFAULT_CSS = """
+    JobPickerScreen { align: center middle; }
+    JobPickerScreen > Vertical { width: 90; max-width: 95%; height: auto; max-height: 80%; border: thick $accent;
+                                 padding: 0 1; background: $surface; }
+    JobPickerScreen #picker-title { height: 1; }
+    JobPickerScreen OptionList { height: auto; max-height: 20; }
+    """
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "close", "Close", id="nyx.dashboard.picker_close"),
+    ]
+
+    def __init__(self, current: str | None = None) -> None:
+        super().__init__()
+        self.current = current
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static(content="Open a job  (enter: open, escape: close)", id="picker-title")
+            yield OptionList(id="picker")
+
+    def on_mount(self) -> None:
+        self.query_one(OptionList).focus()
+        self.run_worker(self._load, thread=True, exclusive=True)
+
+    def _load(self) -> None:
+        rows = [(j.id, j.effective_state()) for j in list_jobs()]
+        self.app.call_from_thread(self._show, rows)
+
+    def _show(self, rows: list[tuple[str, str]]) -> None:
+        picker = self.query_one(OptionList)
+        if not rows:
+            picker.add_option(Option("no jobs yet", id="", disabled=True))
+            return
+        rows.sort(key=lambda r: r[0], reverse=True)
+        picker.add_options(Option(f"{STATE_SYMBOL.get(state, state):12} {job_id}", id=job_id) for job_id, state in rows)
+        ids = [r[0] for r in rows]
+        picker.highlighted = ids.index(self.current) if self.current in ids else 0
+
+    @on(OptionList.OptionSelected)
+    def _picked(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id or None)
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
 def _abs_path(job: JobDir, path: str) -> Path:
     p = Path(path)
     return p if p.is_absolute() else job.path / p
@@ -94,7 +157,8 @@ def _abs_path(job: JobDir, path: str) -> Path:
 class DashboardScreen(Screen[None]):
     DEFAULT_CSS = """
     DashboardScreen { layout: vertical; }
-    DashboardScreen #empty { height: 1fr; content-align: center middle; text-align: center; color: $text-muted; }
+    DashboardScreen #empty { height: 1fr; align: center middle; }
+    DashboardScreen #empty-text { width: auto; height: auto; padding: 1 2; border: round $panel; }
     DashboardScreen #dash { height: 1fr; }
     DashboardScreen #header { height: auto; padding: 0 1; }
     DashboardScreen #progress { height: 1; padding: 0 1; }
@@ -106,23 +170,27 @@ class DashboardScreen(Screen[None]):
     DashboardScreen #spark-label { width: 11; padding-left: 1; color: $text-muted; }
     DashboardScreen #spark { width: 1fr; height: 1; }
     DashboardScreen #chart { height: 1fr; }
-    DashboardScreen #sample-info { height: auto; color: $text-muted; }
+    DashboardScreen #samples { height: 1fr; margin-top: 1; }
     DashboardScreen #endinfo { height: auto; max-height: 14; padding: 0 1; border-top: solid $panel; }
     DashboardScreen #log { height: 7; border-top: solid $panel; }
     DashboardScreen.-narrow #main { layout: vertical; }
     DashboardScreen.-narrow #right { width: 1fr; height: auto; border-left: none; padding: 0 1; }
     DashboardScreen.-narrow #log { height: 4; }
+    DashboardScreen.-narrow #samples { height: auto; margin-top: 0; }
+    DashboardScreen.-narrow #sample-image { display: none; }
     DashboardScreen.-narrow #endinfo { max-height: 8; }
     """
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]  # noqa: RUF012
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("s", "stop", "Stop", id="nyx.dashboard.stop"),
         Binding("x", "cancel_job", "Cancel", id="nyx.dashboard.cancel"),
-        Binding("v", "save_now", "Save now", id="nyx.dashboard.save_now"),
-        Binding("p", "sample_now", "Sample now", id="nyx.dashboard.sample_now"),
-        Binding("left_square_bracket", "cycle(-1)", "Prev job", id="nyx.dashboard.prev_job"),
-        Binding("right_square_bracket", "cycle(1)", "Next job", id="nyx.dashboard.next_job"),
-        Binding("o", "show_lora", "LoRA path", id="nyx.dashboard.show_lora"),
+        Binding("v", "save_now", "Save", id="nyx.dashboard.save_now"),
+        Binding("p", "sample_now", "Sample", id="nyx.dashboard.sample_now"),
+        Binding("left_square_bracket", "cycle(-1)", "Prev", id="nyx.dashboard.prev_job"),
+        Binding("right_square_bracket", "cycle(1)", "Next", id="nyx.dashboard.next_job"),
+        Binding("j", "pick_job", "Jobs", id="nyx.dashboard.pick_job"),
+        Binding("o", "show_lora", "LoRA", id="nyx.dashboard.show_lora"),
+        Binding("d", "demo", "Demo", id="nyx.dashboard.demo"),
     ]
 
     def __init__(self, job_id: str | None = None, *, name: str | None = None, id: str | None = None) -> None:
@@ -141,10 +209,8 @@ class DashboardScreen(Screen[None]):
 
     # ------------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
-        yield Static(
-            content="No job open.\n\nStart one from Home (or run `nyx demo`), or press [ / ] to cycle running jobs.",
-            id="empty",
-        )
+        with Vertical(id="empty"):
+            yield Static(content=EMPTY_TEXT, id="empty-text")
         with Vertical(id="dash"):
             yield Static(content="", id="header")
             yield ProgressBar(total=100, show_eta=False, id="progress")
@@ -156,9 +222,9 @@ class DashboardScreen(Screen[None]):
                     yield LossChart(id="chart")
                 with Vertical(id="right"):
                     yield GpuPanel(id="gpu")
-                    yield Static(content="samples: none yet", id="sample-info")
+                    yield SamplePanel(id="samples")
             yield Static(content="", id="endinfo")
-            yield Log(max_lines=500, id="log")
+            yield LogTail(max_lines=500, id="log")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -190,7 +256,9 @@ class DashboardScreen(Screen[None]):
         self.replayed = False
         self._replay_done = False
         self._dir_state = "queued"
-        self.query_one("#log", Log).clear()
+        self.query_one("#log", LogTail).clear()
+        self.query_one("#samples", SamplePanel).show(None)
+        self.refresh_bindings()
         self.query_one("#empty").display = self.job is None
         self.query_one("#dash").display = self.job is not None
         if self.job is not None:
@@ -203,33 +271,77 @@ class DashboardScreen(Screen[None]):
             )
 
     def _follow(self, job: JobDir, generation: int) -> None:
-        """Thread worker: replay from offset 0, then poll by offset. Blocking reads stay here."""
+        """Thread worker: replay from offset 0, then poll by offset. Blocking reads stay here. A worker
+        whose generation is stale (another job was opened meanwhile) touches nothing and ends."""
         worker = get_current_worker()
-        tail = EventTail(job.events_path)
-        last_state_check = 0.0
-        while not worker.is_cancelled and generation == self._generation:
+
+        def current() -> bool:
+            return not worker.is_cancelled and generation == self._generation
+
+        self._dir_state = job.effective_state()
+        offset = self._replay(job.events_path, generation)
+        if offset is None or not current():
+            return
+        with self._lock:
+            if generation != self._generation:
+                return
+            self._replay_done = True
+            self.series.version += 1
+        tail = EventTail(job.events_path, offset)
+        last_state_check = time.monotonic()
+        while current():
             now = time.monotonic()
-            if now - last_state_check >= 1.0 or not self._replay_done:
-                self._dir_state = job.effective_state()
+            if now - last_state_check >= 1.0:
+                state = job.effective_state()
+                if not current():
+                    return
+                self._dir_state = state
                 last_state_check = now
             events = tail.poll()
-            while events:  # replay: drain everything there is before the first draw
+            if events:
                 with self._lock:
                     if generation != self._generation:
                         return
                     self.series.feed(events)
-                if len(events) < 1000 or self._replay_done:
-                    break
-                events = tail.poll()
-            if not self._replay_done:
-                self._replay_done = True
-                with self._lock:
-                    self.series.version += 1
             # once the end event is in, a slow watch is enough
             interval = 1.0 if self.series.ended and self._dir_state in TERMINAL else POLL_S
             deadline = time.monotonic() + interval
-            while time.monotonic() < deadline and not worker.is_cancelled:
+            while time.monotonic() < deadline and current():
                 time.sleep(0.02)
+
+    def _replay(self, path: Path, generation: int) -> int | None:
+        """Fold the whole history in, reading `REPLAY_CHUNK` bytes at a time so a million-step log never
+        sits in memory as a million dicts; return the offset after the last complete line (None when the
+        job changed meanwhile). The lock is taken per chunk, so the UI thread never waits long."""
+        offset = 0
+        partial = b""
+        try:
+            f = open(path, "rb")  # noqa: SIM115  (closed below; the loop returns early)
+        except FileNotFoundError:
+            return 0
+        with f:
+            while True:
+                chunk = f.read(REPLAY_CHUNK)
+                if not chunk:
+                    return offset
+                data = partial + chunk
+                cut = data.rfind(b"\n") + 1
+                lines, partial = data[:cut], data[cut:]
+                offset += len(lines)
+                events = []
+                for line in lines.split(b"\n"):
+                    if not line:
+                        continue
+                    try:
+                        event = json.loads(line)
+                    except (ValueError, UnicodeDecodeError):
+                        continue  # a torn or foreign line: the schema says skip it
+                    if isinstance(event, dict):
+                        events.append(event)
+                with self._lock:
+                    if generation != self._generation:
+                        return None
+                    self.series.feed(events)
 
     # ------------------------------------------------------------------ drawing
     def state(self) -> str:
@@ -263,20 +375,12 @@ class DashboardScreen(Screen[None]):
         self.query_one("#progress", ProgressBar).update(progress=round((fraction or 0.0) * 100, 1))
         self.query_one("#spark", Sparkline).data = spark or [0.0]
         self.query_one("#chart", LossChart).set_points(history)
-        log = self.query_one("#log", Log)
-        if logs:
-            log.write_lines([f"{lvl.upper():7} {msg}" if lvl != "info" else f"        {msg}" for lvl, msg in logs])
+        self.query_one("#log", LogTail).add(logs)
         end_widget = self.query_one("#endinfo", Static)
         end_widget.display = endinfo is not None
         if endinfo is not None:
             end_widget.update(endinfo)
-        if sample:
-            images = sample.get("images") or []
-            prompts = sample.get("prompts") or []
-            first = f": {prompts[0]}" if prompts else ""
-            self.query_one("#sample-info", Static).update(
-                f"samples: step {sample.get('step')}, {len(images)} image(s){first}"
-            )
+        self.query_one("#samples", SamplePanel).show(sample, self.job.path)
         self.replayed = True
 
     def _new_log_count(self, s: JobSeries) -> int:
@@ -408,11 +512,37 @@ class DashboardScreen(Screen[None]):
         if nxt == current:
             self.notify(f"{current} is the only running job")
             return
+        self._go_to(nxt)
+
+    def action_pick_job(self) -> None:
+        def picked(job_id: str | None) -> None:
+            if job_id and job_id != (self.job.id if self.job else None):
+                self._go_to(job_id)
+
+        self.app.push_screen(JobPickerScreen(self.job.id if self.job else None), picked)
+
+    def _go_to(self, job_id: str) -> None:
+        """Ask the App to show `job_id` (it sets `current_job`, which this screen watches); a host
+        without `current_job` gets the job opened here directly."""
         from nyx_tui.screens.messages import OpenJob
 
-        self.post_message(OpenJob(nxt))
+        self.post_message(OpenJob(job_id))
         if not hasattr(self.app, "current_job"):
-            self.open_job(nxt)
+            self.open_job(job_id)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """With no job open the footer offers what starts one (`d` demo) instead of job commands; with a
+        job open `d` is off (it would start a second job by surprise)."""
+        if action == "demo":
+            return self.job is None
+        if action in JOB_ACTIONS:
+            return self.job is not None
+        return True
+
+    def action_demo(self) -> None:
+        from nyx_tui.screens.messages import StartDemo
+
+        self.post_message(StartDemo())
 
     def action_show_lora(self) -> None:
         if self.job is None:
