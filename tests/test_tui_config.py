@@ -342,6 +342,27 @@ async def test_start_valid_config_posts_start_training(tmp_path: Path) -> None:
 
 
 @sync
+async def test_check_alone_reports_and_never_starts(tmp_path: Path) -> None:
+    data, model = make_dataset_and_model(tmp_path)
+    app = Host(ConfigScreen(preset="sd15-lora"))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        await set_input(app, "model.pretrained", str(model))
+        await set_input(app, "dataset.subsets[].image_dir", str(tmp_path / "nowhere"), 0)
+        await pilot.press("f7")
+        await settle(pilot)
+        assert isinstance(app.screen, TextDialog)
+        body = str(app.screen.query_one("#dialog-body", Static).render())
+        assert "image_dir" in body and "fix:" in body
+        await pilot.press("escape")
+        await set_input(app, "dataset.subsets[].image_dir", str(data), 0)
+        await pilot.press("f7")
+        await settle(pilot)
+        assert not isinstance(app.screen, TextDialog)
+        assert app.started == []
+
+
+@sync
 async def test_start_missing_dataset_shows_preflight_errors(tmp_path: Path) -> None:
     _, model = make_dataset_and_model(tmp_path)
     app = Host(ConfigScreen(preset="sd15-lora"))

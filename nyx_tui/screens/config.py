@@ -73,6 +73,7 @@ class ConfigScreen(Screen[None]):
         _b("f3", "show_diff", "Diff"),
         _b("f4", "focus_preset", "Preset"),
         _b("f5", "start", "Start"),
+        _b("f7", "check", "Check"),
         _b("ctrl+s", "save", "Save", priority=True),
         _b("ctrl+o", "load", "Load", priority=True),
         _b("f6", "add_subset", "Add subset"),
@@ -89,9 +90,9 @@ class ConfigScreen(Screen[None]):
             self.path, self.error = path, error
 
     class _Checked(Message):
-        def __init__(self, config: TrainingConfig, problems: list[Problem]) -> None:
+        def __init__(self, config: TrainingConfig, problems: list[Problem], start: bool) -> None:
             super().__init__()
-            self.config, self.problems = config, problems
+            self.config, self.problems, self.start = config, problems, start
 
     class _DemoReady(Message):
         def __init__(self, error: str | None) -> None:
@@ -328,6 +329,13 @@ class ConfigScreen(Screen[None]):
     # start
 
     def action_start(self) -> None:
+        self._preflight(start=True)
+
+    def action_check(self) -> None:
+        """The pre-flight check alone: every problem with its fix, nothing started."""
+        self._preflight(start=False)
+
+    def _preflight(self, start: bool) -> None:
         if self.checking:
             self.set_status("the pre-flight check is already running")
             return
@@ -342,10 +350,10 @@ class ConfigScreen(Screen[None]):
             return
         self.checking = True
         self.set_status("checking the files …")
-        self._check(cfg, self.preset == demo.PRESET and self.source is None)
+        self._check(cfg, self.preset == demo.PRESET and self.source is None, start)
 
     @work(thread=True, exclusive=True, group="check")
-    def _check(self, cfg: TrainingConfig, needs_demo: bool) -> None:
+    def _check(self, cfg: TrainingConfig, needs_demo: bool, start: bool) -> None:
         problems: list[Problem] = []
         if needs_demo:
             ws = demo.workspace()
@@ -357,7 +365,7 @@ class ConfigScreen(Screen[None]):
                 problems.append(Problem("model.pretrained", f"the demo workspace could not be built: {e}", "retry"))
         if not problems:
             problems = check_config(cfg)
-        self.post_message(self._Checked(cfg, problems))
+        self.post_message(self._Checked(cfg, problems, start))
 
     def on_config_screen__checked(self, message: _Checked) -> None:
         self.checking = False
@@ -365,8 +373,15 @@ class ConfigScreen(Screen[None]):
         errors = [p for p in message.problems if p.is_error]
         warnings = [p for p in message.problems if not p.is_error]
         if errors:
-            self.set_status(f"✗ pre-flight: {len(errors)} error(s), not started", error=True)
-            self.app.push_screen(TextDialog("Pre-flight check: not started", "\n\n".join(map(str, message.problems))))
+            self.set_status(f"✗ pre-flight: {len(errors)} error(s)" + (", not started" if message.start else ""),
+                            error=True)
+            title = "Pre-flight check: not started" if message.start else "Pre-flight check"
+            self.app.push_screen(TextDialog(title, "\n\n".join(map(str, message.problems))))
+            return
+        if not message.start:
+            self.set_status(f"✓ pre-flight passed ({len(warnings)} warning(s))")
+            if warnings:
+                self.notify("\n".join(map(str, warnings)), title="Pre-flight warnings", severity="warning")
             return
         if warnings:
             self.notify("\n".join(map(str, warnings)), title="Started with warnings", severity="warning")
