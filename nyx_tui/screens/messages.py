@@ -7,10 +7,12 @@ App answers by changing its reactive `current_job` (the dashboard watches it) or
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from textual.message import Message
 
-from nyx_tui.config.model import TrainingConfig
+if TYPE_CHECKING:  # the model costs ~60 ms of pydantic schema building: not on the first frame's path
+    from nyx_tui.config.model import TrainingConfig
 
 
 class OpenJob(Message):
