@@ -416,3 +416,22 @@ def test_snapshot(snap_compare: Any, size: tuple[int, int]) -> None:
         await pilot.pause()
 
     assert snap_compare(SnapHost(), terminal_size=size, run_before=focus_dim)
+
+
+def test_list_items_may_hold_commas_and_dict_items_need_equals() -> None:
+    from nyx_tui.config.model import OptimizerSection, SamplingSection
+    from nyx_tui.widgets.config_form import format_value, parse_text
+
+    prompts_type = SamplingSection.model_fields["prompts"].annotation
+    prompts = ["a photo of sks, smiling", 'a "quoted" cat', "a dog"]
+    text = format_value(prompts_type, prompts)
+    assert parse_text(prompts_type, text) == prompts
+    args_type = OptimizerSection.model_fields["args"].annotation
+    assert parse_text(args_type, "d_coef=2, safeguard_warmup=true") == {"d_coef": 2, "safeguard_warmup": True}
+    # an item without `=` is not silently turned into an empty value: validation gets the text and names the field
+    from nyx_tui.config.errors import ConfigError
+    from nyx_tui.config.io import validate_data
+
+    with pytest.raises(ConfigError) as err:
+        validate_data({"optimizer": {"args": parse_text(args_type, "d_coef=2, oops")}})
+    assert any(p.field == "optimizer.args" for p in err.value.problems)

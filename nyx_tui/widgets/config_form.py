@@ -8,6 +8,7 @@ exactly the messages and fixes the CLI shows.
 
 from __future__ import annotations
 
+import csv
 import types
 import typing
 from collections.abc import Iterable, Iterator
@@ -79,10 +80,24 @@ def format_value(annotation: Any, value: Any) -> str:
         return ""
     kind = kind_of(annotation)
     if kind in ("list", "tuple"):
-        return ", ".join(_scalar_text(v) for v in value)
+        return _join_items([_scalar_text(v) for v in value])
     if kind == "dict":
         return ", ".join(f"{k}={_scalar_text(v)}" for k, v in dict(value).items())
     return _scalar_text(value)
+
+
+def _split_items(raw: str) -> list[str]:
+    """Comma-separated items, CSV-style: an item in double quotes may hold commas
+    (`"a photo of sks, smiling", a cat`)."""
+    try:
+        return next(csv.reader([raw], skipinitialspace=True), [])
+    except csv.Error:
+        return raw.split(",")
+
+
+def _join_items(items: list[str]) -> str:
+    """The inverse of `_split_items`: an item with a comma or a quote is quoted, CSV-style."""
+    return ", ".join('"' + i.replace('"', '""') + '"' if ("," in i or '"' in i) else i for i in items)
 
 
 def _parse_scalar(text: str) -> Any:
@@ -111,15 +126,17 @@ def parse_text(annotation: Any, text: str) -> Any:
     kind = kind_of(annotation)
     raw = text.strip()
     if kind in ("list", "tuple"):
-        items = [p.strip() for p in raw.split(",") if p.strip()]
+        items = [p.strip() for p in _split_items(raw) if p.strip()]
         return [_parse_scalar(i) for i in items] if kind == "tuple" else items
     if kind == "dict":
         out: dict[str, Any] = {}
-        for part in raw.split(","):
+        for part in _split_items(raw):
             if not part.strip():
                 continue
             key, sep, val = part.partition("=")
-            out[key.strip()] = _parse_scalar(val.strip()) if sep else ""
+            if not sep or not key.strip():
+                return raw  # not `key=value`: validation names the field instead of guessing a value
+            out[key.strip()] = _parse_scalar(val.strip())
         return out
     if raw == "" and optional:
         return UNSET
