@@ -67,21 +67,6 @@ class Reporter:
             print(f"{message}…", flush=True)
 
 
-def resolve_paths(cfg: TrainingConfig, job: JobDir) -> TrainingConfig:
-    """Paths in a job's config are absolute; a relative one (hand-written config) is taken from the job dir."""
-
-    def absolute(p: str) -> str:
-        return p if not p or Path(p).is_absolute() else str((job.path / p).resolve())
-
-    cfg = cfg.model_copy(deep=True)
-    cfg.model.pretrained = absolute(cfg.model.pretrained)
-    for subset in cfg.dataset.subsets:
-        subset.image_dir = absolute(subset.image_dir)
-    if cfg.saving.output_dir:
-        cfg.saving.output_dir = absolute(cfg.saving.output_dir)
-    return cfg
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -134,7 +119,7 @@ def diffusion_loss(
 
 def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
     """Run the whole training job; returns the process exit code (0 also for `stop` and `cancel`)."""
-    cfg = resolve_paths(cfg, job)
+    # paths are absolute here: `load_config` resolved relative ones against the config file's folder
     tr = cfg.training
     cuda = torch.cuda.is_available()
     mixed = tr.mixed_precision.value
