@@ -282,6 +282,12 @@ class NyxApp(App[None]):
             if state in TERMINAL:
                 self.notify(f"{job.id} has already ended ({state})")
                 return
+            if state == "queued" and message.command in ("stop", "cancel"):
+                from nyx_tui.jobs.queue import cancel_queued
+
+                if cancel_queued(job):  # never started: nothing to save, and it must not start now
+                    self.notify(f"cancelled {job.id} before it started", title="queue")
+                    return
             send(job.control_path, message.command)
         except (LookupError, ControlError, OSError) as e:
             self.notify(str(e), title=f"could not send {message.command}", severity="error")
@@ -291,7 +297,7 @@ class NyxApp(App[None]):
     def on_start_training(self, message: StartTraining) -> None:
         if self._refuse_if_starting():
             return
-        self._start_training(message.config)
+        self._start_training(message.config, message.queue)
 
     def on_start_demo(self, message: StartDemo) -> None:
         if self._refuse_if_starting():
@@ -307,9 +313,9 @@ class NyxApp(App[None]):
         return False
 
     @work(thread=True, group="start", exit_on_error=False)
-    def _start_training(self, config: TrainingConfig) -> None:
+    def _start_training(self, config: TrainingConfig, queue: bool = False) -> None:
         try:
-            self._launch(config)
+            self._launch(config, queue)
         finally:
             self._starting = False
 
@@ -328,8 +334,9 @@ class NyxApp(App[None]):
         finally:
             self._starting = False
 
-    def _launch(self, config: TrainingConfig) -> None:
-        """Check, create, spawn, wait until the supervisor has the job, then show it. Runs in a thread."""
+    def _launch(self, config: TrainingConfig, queue: bool = False) -> None:
+        """Check, create, spawn, wait until the supervisor has the job, then show it; or, with `queue`,
+        hand it to the scheduler and show the jobs list. Runs in a thread."""
         from nyx_tui.config.check import check_config
         from nyx_tui.jobs import launch
         from nyx_tui.jobs.store import Store, job_summary
@@ -343,16 +350,28 @@ class NyxApp(App[None]):
                 more = f"\n…and {len(errors) - 6} more" if len(errors) > 6 else ""
                 self._notify_from_thread(text + more, title="not started: fix the config", severity="error")
                 return
-            job = create_training_job(config)
-            launch.spawn_supervisor(job)
+            job = create_training_job(config, queue=queue)
+            if queue:
+                from nyx_tui.jobs.queue import enqueue
+
+                enqueue(job)
+            else:
+                launch.spawn_supervisor(job)
             # the store is an index; the home screen's sync finds the job dir anyway
             with contextlib.suppress(Exception):
                 Store().upsert(job_summary(job))
+            if queue:
+                self.call_from_thread(self._queued, job.id)
+                return
             launch.wait_started(job)
         except Exception as e:
             self._notify_from_thread(f"{type(e).__name__}: {e}", title="the job did not start", severity="error")
             return
         self.call_from_thread(self._started, job.id)
+
+    def _queued(self, job_id: str) -> None:
+        self.notify(f"queued {job_id}: it starts when a GPU is free, with or without Nyx open", title="queue")
+        self.switch_mode("home")
 
     def _started(self, job_id: str) -> None:
         self.notify(f"started {job_id}", title="training")

@@ -104,8 +104,9 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------------------- jobs
 
 
-def _start_training(config_file: Path, err: Console) -> Any:
-    """Validate everything, then create and spawn the job. Returns the JobDir or None (problems printed)."""
+def _start_training(config_file: Path, err: Console, queue: bool = False) -> Any:
+    """Validate everything, then create the job and spawn its supervisor (or, with `queue`, hand it to
+    the scheduler). Returns the JobDir, or None when the config has problems (they are printed)."""
     from nyx_tui.config.check import check_file
     from nyx_tui.jobs.launch import spawn_supervisor, wait_started
     from nyx_tui.jobs.store import Store, job_summary
@@ -115,12 +116,19 @@ def _start_training(config_file: Path, err: Console) -> Any:
     _print_problems(err, result.problems, str(config_file))
     if not result.ok or result.config is None:
         return None
-    job = create_training_job(result.config)
-    spawn_supervisor(job)
+    job = create_training_job(result.config, queue=queue)
+    if queue:
+        from nyx_tui.jobs.queue import enqueue
+
+        enqueue(job)
+    else:
+        spawn_supervisor(job)
     try:
         Store().upsert(job_summary(job))
     except Exception as e:  # the store is an index; the job dir is the truth
         err.print(f"[yellow]warning[/]: could not record the job in the store: {e}")
+    if queue:
+        return job
     try:
         wait_started(job)
     except TimeoutError as e:
@@ -143,9 +151,17 @@ def _follow(job: Any, console: Console) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     err = _console(stderr=True)
-    job = _start_training(Path(args.file), err)
+    job = _start_training(Path(args.file), err, queue=args.queue)
     if job is None:
         return EXIT_USAGE
+    if args.queue:
+        from nyx_tui.jobs.queue import Queue
+
+        position = next((i for i, e in enumerate(Queue().entries(), 1) if e.id == job.id), None)
+        print(job.id)
+        where = f"position {position} in the queue" if position else "the queue (already starting)"
+        err.print(f"queued {job.id} at {where}. It starts when a GPU is free; `nyx queue` shows the order.")
+        return EXIT_OK
     if args.detach:
         print(job.id)
         err.print(f"started {job.id} (detached). Follow it with: nyx attach {job.id}")
@@ -180,6 +196,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if state in TERMINAL:
         err.print(f"{job.id} has already ended ({state}); nothing to stop")
         return EXIT_FAILED
+    if state == "queued":
+        from nyx_tui.jobs.queue import cancel_queued
+
+        if cancel_queued(job):
+            err.print(f"cancelled {job.id}; it had not started, so there is nothing to save")
+            return EXIT_OK
     command = "cancel" if args.cancel else "stop"
     send(job.control_path, command)
     what = "cancel (no save)" if args.cancel else "stop (save, then exit)"
@@ -187,31 +209,219 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_jobs(args: argparse.Namespace) -> int:
-    from nyx_tui.jobs.store import Store
+def _csv(values: list[str] | None) -> list[str]:
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
 
-    jobs = Store().sync()
+
+def _fmt_duration(seconds: float | None) -> str:
+    from nyx_tui.jobs.series import format_duration
+
+    return "" if seconds is None else format_duration(seconds)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from nyx_tui.jobs.jobdir import STATES
+    from nyx_tui.jobs.store import Store, select
+
+    err = _console(stderr=True)
+    states, kinds = _csv(args.state), _csv(args.kind)
+    unknown = [s for s in states if s not in STATES]
+    if unknown:
+        err.print(f"[red]error[/]: unknown state {', '.join(unknown)}; one of {', '.join(STATES)}")
+        return EXIT_USAGE
+    jobs = select(Store().sync(), states, kinds)
+    if any(j["state"] == "queued" for j in jobs):  # after a reboot nothing runs the queue until asked
+        from nyx_tui.jobs.queue import Queue
+        from nyx_tui.jobs.scheduler import ensure_scheduler
+
+        if Queue().waiting():
+            ensure_scheduler()
+    if args.limit:
+        jobs = jobs[-args.limit :]
     if args.json:
         print(json.dumps(jobs, indent=1))
         return EXIT_OK
     from rich.table import Table
 
-    table = Table("id", "kind", "state", "exit", "artifacts", box=None, header_style="bold")
+    table = Table("id", "kind", "family", "state", "steps", "loss", "time", "artifacts", box=None, header_style="bold")
     for j in jobs:
         loras = [a for a in j.get("artifacts", []) if a.get("what") == "lora"]
+        loss = j.get("final_loss")
         table.add_row(
             j["id"],
             j["kind"],
-            j["state"],
-            "" if j.get("exit_code") is None else str(j["exit_code"]),
+            j.get("family") or "",
+            j["state"] + ("" if j.get("exit_code") in (None, 0) else f" ({j['exit_code']})"),
+            "" if j.get("steps") is None else str(j["steps"]),
+            "" if loss is None else f"{loss:.4f}",
+            _fmt_duration(j.get("duration")),
             str(len(loras)) + " lora" if loras else "",
         )
     console = _console()
     if not jobs:
-        console.print("no jobs yet; start one with `nyx demo` or `nyx train FILE`")
+        empty = "no jobs yet; start one with `nyx demo` or `nyx train FILE`"
+        console.print("no jobs match" if states or kinds else empty)
     else:
         console.print(table)
     return EXIT_OK
+
+
+def _parse_age(text: str) -> float:
+    """`7d`, `12h`, `30m` or a number of days, in seconds."""
+    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+    text = text.strip().lower()
+    unit = units.get(text[-1:]) if text else None
+    number = text[:-1] if unit else text
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age; write 7d, 12h, 30m or a number of days") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("an age cannot be negative")
+    return value * (unit or units["d"])
+
+
+def cmd_jobs_clean(args: argparse.Namespace) -> int:
+    """Delete the folders of ended jobs. Never one that runs or waits; never one holding a LoRA or a
+    state (inside its folder) unless --with-artifacts says so; never without a yes."""
+    import shutil
+    import time
+
+    from nyx_tui.jobs.jobdir import TERMINAL, JobDir
+    from nyx_tui.jobs.store import Store, select
+
+    err = _console(stderr=True)
+    states, kinds = _csv(args.state), _csv(args.kind)
+    active = [s for s in states if s not in TERMINAL]
+    if active:
+        err.print(
+            f"[red]error[/]: jobs that are {', '.join(active)} are never cleaned; "
+            f"stop them first (`nyx stop JOB`). Cleanable states: {', '.join(sorted(TERMINAL))}"
+        )
+        return EXIT_USAGE
+    cutoff = time.time() - args.older_than
+    picked = [
+        j
+        for j in select(Store().sync(), states or TERMINAL, kinds)
+        if (j.get("ended") or j.get("created") or 0) <= cutoff
+    ]
+    delete: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+    kept: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
+    for j in picked:
+        root = Path(j["dir"]).resolve()
+        inside = [a for a in j.get("artifacts", []) if _within(Path(str(a.get("path", ""))), root)]
+        (delete if not inside or args.with_artifacts else kept).append((j, inside))
+    for j, inside in kept:
+        err.print(f"kept {j['id']}: it holds {len(inside)} artifact(s), e.g. {inside[0]['path']}")
+    if kept:
+        err.print("  (add --with-artifacts to delete those too)")
+    if not delete:
+        err.print("nothing to clean")
+        return EXIT_OK
+    size = sum((_du(Path(j["dir"])) for j, _ in delete), 0)
+    for j, inside in delete:
+        extra = f" and its {len(inside)} artifact(s)" if inside else ""
+        err.print(f"{'would delete' if args.dry_run else 'delete'} {j['id']} ({j['state']}){extra}")
+    summary = f"{len(delete)} job folder(s), {size / 1e6:.1f} MB"
+    if args.dry_run:
+        err.print(f"dry run: {summary} would be deleted")
+        return EXIT_OK
+    if not args.yes:
+        if not sys.stdin.isatty():
+            err.print(f"[red]error[/]: not deleting {summary} without a yes; add --yes (or --dry-run to look)")
+            return EXIT_FAILED
+        if input(f"Delete {summary}? [y/N] ").strip().lower() not in ("y", "yes"):
+            err.print("nothing deleted")
+            return EXIT_OK
+    store = Store()
+    for j, _ in delete:
+        job = JobDir(Path(j["dir"]))
+        if job.effective_state() not in TERMINAL:  # restarted or resumed since the listing
+            err.print(f"skipped {job.id}: it is {job.effective_state()} now")
+            continue
+        shutil.rmtree(job.path, ignore_errors=True)
+        store.delete(job.id)
+    err.print(f"deleted {summary}")
+    return EXIT_OK
+
+
+def _within(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root) and path.exists()
+    except OSError:
+        return False
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for p in path.rglob("*"):
+        try:
+            total += p.stat().st_size if p.is_file() else 0
+        except OSError:
+            continue
+    return total
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from nyx_tui.jobs.jobdir import ACTIVE, list_jobs
+    from nyx_tui.jobs.queue import Queue
+    from nyx_tui.jobs.scheduler import ensure_scheduler, scheduler_running
+
+    queue = Queue()
+    queue.rebuild()
+    waiting = queue.waiting()
+    started = ensure_scheduler() if waiting else None
+    running = [j for j in list_jobs() if j.effective_state() in ACTIVE]
+    if args.json:
+        answer = {
+            "waiting": [{"position": i, "id": e.id, "resource": e.resource} for i, (e, _) in enumerate(waiting, 1)],
+            "running": [{"id": j.id, "gpu_slot": j.status().get("gpu_slot")} for j in running],
+            "scheduler": scheduler_running(),
+        }
+        print(json.dumps(answer, indent=1))
+        return EXIT_OK
+    console = _console()
+    if not waiting and not running:
+        console.print("the queue is empty; add to it with `nyx train FILE --queue`")
+        return EXIT_OK
+    for j in running:
+        slot = j.status().get("gpu_slot")
+        console.print(f"[green]running[/] {j.id}" + (f"  (slot {slot})" if slot else ""), highlight=False)
+    for i, (entry, job) in enumerate(waiting, 1):
+        console.print(f"{i:>3}. {job.id}  [dim]{entry.resource}[/]", highlight=False)
+    if started:
+        _console(stderr=True).print("(started the scheduler: nothing was running it)")
+    return EXIT_OK
+
+
+def cmd_queue_move(args: argparse.Namespace) -> int:
+    from nyx_tui.jobs.queue import Queue, QueueError
+
+    err = _console(stderr=True)
+    job = _find(args.job, err)
+    if job is None:
+        return EXIT_USAGE
+    try:
+        order = Queue().move(job.id, args.to)
+    except QueueError as e:
+        err.print(f"[red]error[/]: {e}")
+        return EXIT_USAGE
+    err.print(f"{job.id} is now number {order.index(job.id) + 1} of {len(order)}")
+    return EXIT_OK
+
+
+def cmd_queue_cancel(args: argparse.Namespace) -> int:
+    from nyx_tui.jobs.queue import cancel_queued
+
+    err = _console(stderr=True)
+    job = _find(args.job, err)
+    if job is None:
+        return EXIT_USAGE
+    if cancel_queued(job):
+        err.print(f"cancelled {job.id}; it never started")
+        return EXIT_OK
+    err.print(f"{job.id} is {job.effective_state()}, not waiting in the queue; to end it: nyx stop {job.id}")
+    return EXIT_FAILED
 
 
 # -------------------------------------------------------------------------------------------------- demo
@@ -307,11 +517,47 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="validate a config and start a training job")
     train.add_argument("file")
     train.add_argument("--detach", action="store_true", help="return at once; follow later with nyx attach")
+    train.add_argument(
+        "--queue", action="store_true", help="wait in the queue for a free GPU (starts with no TUI or CLI open)"
+    )
     train.set_defaults(func=cmd_train)
 
-    jobs = sub.add_parser("jobs", help="list jobs")
+    jobs = sub.add_parser("jobs", help="list jobs (history), or clean up old ones")
+    filters = argparse.ArgumentParser(add_help=False)
+    filters.add_argument("--state", action="append", help="only these states (repeat or comma-separate)")
+    filters.add_argument("--kind", action="append", help="only these kinds: train, tag, download, …")
+    jobs.add_argument("--state", action="append", help="only these states (repeat or comma-separate)")
+    jobs.add_argument("--kind", action="append", help="only these kinds: train, tag, download, …")
+    jobs.add_argument("--limit", type=int, help="only the newest N")
     jobs.add_argument("--json", action="store_true", help="print a JSON array")
     jobs.set_defaults(func=cmd_jobs)
+    jsub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION")
+    clean = jsub.add_parser(
+        "clean",
+        parents=[filters],
+        help="delete the folders of ended jobs (never a running one; artifacts only with --with-artifacts)",
+    )
+    clean.add_argument(
+        "--older-than", type=_parse_age, default=0.0, metavar="AGE", help="ended at least this long ago: 7d, 12h"
+    )
+    clean.add_argument(
+        "--with-artifacts", action="store_true", help="also delete jobs whose folder holds LoRAs or states"
+    )
+    clean.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    clean.add_argument("-y", "--yes", action="store_true", help="do not ask")
+    clean.set_defaults(func=cmd_jobs_clean)
+
+    queue = sub.add_parser("queue", help="show the queue; move or cancel queued jobs")
+    queue.add_argument("--json", action="store_true", help="print {waiting, running, scheduler}")
+    queue.set_defaults(func=cmd_queue)
+    qsub = queue.add_subparsers(dest="queue_command", metavar="ACTION")
+    move = qsub.add_parser("move", help="change a queued job's place")
+    move.add_argument("job", help="job id or unique part of it")
+    move.add_argument("to", help="top, bottom, up, down, or a position (1 starts next)")
+    move.set_defaults(func=cmd_queue_move)
+    qcancel = qsub.add_parser("cancel", help="remove a queued job; it never starts")
+    qcancel.add_argument("job", help="job id or unique part of it")
+    qcancel.set_defaults(func=cmd_queue_cancel)
 
     attach = sub.add_parser("attach", help="follow a job's progress (Ctrl+C detaches; the job goes on)")
     attach.add_argument("job", help="job id, unique part of it, or 'last'")

@@ -30,6 +30,9 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="ignore")  # a newer Nyx's keys must not break an older one
 
     theme: str = Field(default="nyx-dark", description="Textual theme name (nyx-dark, nyx-light, nyx-high-contrast, …)")
+    queue_cpu_jobs: int = Field(
+        default=2, ge=1, le=32, description="queued jobs that need no GPU (downloads) run this many at once"
+    )
 
 
 def settings_path() -> Path:

@@ -256,6 +256,21 @@ async def test_stopping_an_ended_job_says_so(nyx_home: Path) -> None:
         assert any("already ended" in n for n in notifications(app))
 
 
+@run_async
+async def test_stopping_a_queued_job_cancels_it_for_good(nyx_home: Path) -> None:
+    from nyx_tui.jobs.queue import Queue
+
+    job = create_job("train", "waiting", argv=["true"], extra={"queue": True})
+    Queue().add(job)
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_rows(pilot, 1)
+        app.post_message(ControlJob(job.id, "stop"))
+        await wait_until(pilot, lambda: any("before it started" in n for n in notifications(app)))
+    assert job.effective_state() == "cancelled" and Queue().entries() == []
+    assert not job.control_path.exists()
+
+
 # ------------------------------------------------------------------------------------------ palette
 
 

@@ -339,6 +339,20 @@ async def test_start_valid_config_posts_start_training(tmp_path: Path) -> None:
         assert cfg.model.pretrained == str(model)
         assert cfg.dataset.subsets[0].image_dir == str(data)
         assert cfg.network.dim == 16
+        assert app.started[0].queue is False
+
+
+@sync
+async def test_queue_key_posts_a_queued_start(tmp_path: Path) -> None:
+    _data, model = make_dataset_and_model(tmp_path)
+    app = Host(ConfigScreen(preset="sd15-lora"))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        await set_input(app, "model.pretrained", str(model))
+        await set_input(app, "dataset.subsets[].image_dir", "images", 0)
+        await pilot.press("f8")
+        await settle(pilot)
+        assert [m.queue for m in app.started] == [True], screen_of(app).problems
 
 
 @sync

@@ -50,8 +50,9 @@ def supervisor_env() -> dict[str, str]:
     return env
 
 
-def spawn_supervisor(job: JobDir) -> int:
-    """Start `python -m nyx_tui.jobs.supervisor JOB_DIR` detached and return its pid at once."""
+def spawn_supervisor(job: JobDir, extra_env: dict[str, str] | None = None) -> int:
+    """Start `python -m nyx_tui.jobs.supervisor JOB_DIR` detached and return its pid at once.
+    `extra_env` reaches the supervisor and its worker (the scheduler's `CUDA_VISIBLE_DEVICES`)."""
     with open(job.path / SUPERVISOR_LOG, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "nyx_tui.jobs.supervisor", str(job.path)],
@@ -59,7 +60,7 @@ def spawn_supervisor(job: JobDir) -> int:
             stdout=subprocess.DEVNULL,
             stderr=log,
             cwd=job.path,
-            env=supervisor_env(),
+            env={**supervisor_env(), **(extra_env or {})},
             start_new_session=True,
             close_fds=True,
         )

@@ -8,12 +8,16 @@ tripping over each other.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,34 +41,137 @@ COLUMNS = (
     "error",
     "hint",
     "artifacts",
+    # history: what a user compares runs by
+    "family",
+    "backend",
+    "config_hash",
+    "steps",
+    "final_loss",
+    "duration",
+    # how far the events were read for `artifacts`, `steps` and `final_loss` (a byte offset)
+    "scan_offset",
 )
+_TYPES = {
+    "kind": "TEXT NOT NULL",
+    "name": "TEXT NOT NULL",
+    "dir": "TEXT NOT NULL",
+    "state": "TEXT NOT NULL",
+    "created": "REAL",
+    "started": "REAL",
+    "ended": "REAL",
+    "exit_code": "INTEGER",
+    "signal": "TEXT",
+    "error": "TEXT",
+    "hint": "TEXT",
+    "artifacts": "TEXT NOT NULL DEFAULT '[]'",
+    "family": "TEXT",
+    "backend": "TEXT",
+    "config_hash": "TEXT",
+    "steps": "INTEGER",
+    "final_loss": "REAL",
+    "duration": "REAL",
+    "scan_offset": "INTEGER NOT NULL DEFAULT 0",
+}
 _TERMINAL_SQL = ", ".join(f"'{s}'" for s in sorted(TERMINAL))
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
+_SCHEMA = "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, {})".format(
+    ", ".join(f"{c} {_TYPES[c]}" for c in COLUMNS[1:])
+)
+_QUEUE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS queue (
     id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    name TEXT NOT NULL,
-    dir TEXT NOT NULL,
-    state TEXT NOT NULL,
-    created REAL,
-    started REAL,
-    ended REAL,
-    exit_code INTEGER,
-    signal TEXT,
-    error TEXT,
-    hint TEXT,
-    artifacts TEXT NOT NULL DEFAULT '[]'
+    position REAL NOT NULL,
+    resource TEXT NOT NULL,
+    added REAL NOT NULL
 )
 """
+SCAN_CHUNK = 1 << 20  # bytes of events.jsonl read at a time when summarising a job
 
 
-def job_summary(job: JobDir) -> dict[str, Any]:
-    """One job as the index (and `nyx jobs --json`) shows it, read from its directory."""
+@dataclass
+class EventScan:
+    """What the index keeps from a job's events, read once, incrementally, from `offset` on."""
+
+    offset: int = 0
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+    steps: int | None = None
+    final_loss: float | None = None
+
+    def read(self, path: Path) -> EventScan:
+        """Continue from `offset` to the last complete line. Only `artifact` lines and the last `step`
+        line of each chunk are parsed, so a million-step log costs one pass of `bytes.find`, not a
+        million `json.loads`."""
+        try:
+            f = open(path, "rb")  # noqa: SIM115 (closed by the `with` below; a missing file is no error)
+        except FileNotFoundError:
+            return self
+        with f:
+            f.seek(self.offset)
+            while chunk := f.read(SCAN_CHUNK):
+                end = chunk.rfind(b"\n")
+                if end < 0:
+                    if len(chunk) < SCAN_CHUNK:
+                        break  # a line still being written
+                    self.offset += len(chunk)  # a line longer than a chunk is not an event we index
+                    continue
+                self._lines(chunk[: end + 1])
+                self.offset += end + 1
+                f.seek(self.offset)
+        return self
+
+    def _lines(self, data: bytes) -> None:
+        at = data.find(b'"artifact"')
+        while at >= 0:
+            start, end = data.rfind(b"\n", 0, at) + 1, data.find(b"\n", at)
+            event = _json_line(data[start:end])
+            if event and event.get("kind") == "artifact" and "path" in event:
+                self.artifacts.append({k: event[k] for k in ("path", "what", "step") if k in event})
+            at = data.find(b'"artifact"', end)
+        at = data.rfind(b'"kind":"step"')
+        if at >= 0:
+            event = _json_line(data[data.rfind(b"\n", 0, at) + 1 : data.find(b"\n", at)])
+            if event and event.get("kind") == "step":
+                step, loss = event.get("step"), event.get("loss_avg", event.get("loss"))
+                if isinstance(step, int):
+                    self.steps = step
+                if isinstance(loss, int | float) and math.isfinite(loss):
+                    self.final_loss = float(loss)
+
+
+def _json_line(line: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _config_facts(job: JobDir) -> tuple[str | None, str | None]:
+    """(model family, short sha256) of a training job's config snapshot; (None, None) without one."""
+    try:
+        raw = job.config_path.read_bytes()
+    except OSError:
+        return None, None
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    try:
+        model = tomllib.loads(raw.decode()).get("model", {})
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None, digest
+    family = model.get("family") if isinstance(model, dict) else None
+    return (str(family) if family else None), digest
+
+
+def job_summary(job: JobDir, scan: EventScan | None = None) -> dict[str, Any]:
+    """One job as the index (and `nyx jobs --json`) shows it, read from its directory. `scan` carries on
+    an earlier summary's reading of the events (the index keeps it), so a long log is read once."""
     try:
         spec = job.spec()
     except (OSError, ValueError):
         spec = {}
     status = job.status()
+    scan = (scan or EventScan()).read(job.events_path)
+    family, config_hash = _config_facts(job)
+    started, ended = status.get("started"), status.get("ended")
+    duration = ended - started if isinstance(started, int | float) and isinstance(ended, int | float) else None
     return {
         "id": job.id,
         "kind": str(spec.get("kind", "?")),
@@ -72,13 +179,20 @@ def job_summary(job: JobDir) -> dict[str, Any]:
         "dir": str(job.path),
         "state": job.effective_state(),
         "created": spec.get("created", status.get("created")),
-        "started": status.get("started"),
-        "ended": status.get("ended"),
+        "started": started,
+        "ended": ended,
         "exit_code": status.get("exit_code"),
         "signal": status.get("signal"),
         "error": status.get("error"),
         "hint": status.get("hint"),
-        "artifacts": job.artifacts(),
+        "artifacts": scan.artifacts,
+        "family": family,
+        "backend": spec.get("backend"),
+        "config_hash": config_hash,
+        "steps": scan.steps,
+        "final_loss": scan.final_loss,
+        "duration": duration,
+        "scan_offset": scan.offset,
     }
 
 
@@ -129,18 +243,26 @@ def mark_lost(job: JobDir) -> bool:
 
 
 class Store:
-    """The SQLite index of jobs. Cheap to construct: it connects per call."""
+    """The SQLite index of jobs (and the queue's order, `jobs.queue`). Cheap to construct: it connects
+    per call."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = Path(path) if path is not None else paths.db_path()
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        """One connection, one transaction (committed on success), the schema brought up to date."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)) as con:
             con.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             con.execute("PRAGMA journal_mode = WAL")
-            con.execute(_SCHEMA)
+            with con:
+                con.execute(_SCHEMA)
+                con.execute(_QUEUE_SCHEMA)
+                have = {row[1] for row in con.execute("PRAGMA table_info(jobs)")}
+                for column in COLUMNS:  # an index written by an older Nyx gains the new columns
+                    if column not in have:
+                        con.execute(f"ALTER TABLE jobs ADD COLUMN {column} {_TYPES[column]}")
             with con:  # one transaction, committed on success
                 yield con
 
@@ -157,6 +279,7 @@ class Store:
     def _upsert(con: sqlite3.Connection, summary: dict[str, Any]) -> None:
         values = [summary.get(c) for c in COLUMNS]
         values[COLUMNS.index("artifacts")] = json.dumps(summary.get("artifacts") or [])
+        values[COLUMNS.index("scan_offset")] = int(summary.get("scan_offset") or 0)
         updates = ", ".join(f"{c} = excluded.{c}" for c in COLUMNS[1:])
         # terminal states are final on disk: a non-terminal summary arriving after one is stale
         con.execute(
@@ -167,40 +290,49 @@ class Store:
         )
 
     def upsert(self, summary: dict[str, Any]) -> None:
-        with self._connect() as con:
+        with self.connect() as con:
             self._upsert(con, summary)
 
     def get(self, job_id: str) -> dict[str, Any] | None:
-        with self._connect() as con:
+        with self.connect() as con:
             row = con.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return self._row(row) if row else None
 
     def all(self) -> list[dict[str, Any]]:
-        with self._connect() as con:
+        with self.connect() as con:
             rows = con.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs ORDER BY id").fetchall()
         return [self._row(r) for r in rows]
+
+    def delete(self, job_id: str) -> None:
+        with self.connect() as con:
+            con.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            con.execute("DELETE FROM queue WHERE id = ?", (job_id,))
 
     def sync(self) -> list[dict[str, Any]]:
         """Bring the index in line with the job directories and return every job, ordered by id.
 
-        New jobs and jobs not yet ended are re-read; jobs found `lost` get their end recorded
-        (`mark_lost`); rows whose directory is gone are dropped. Ended jobs are not re-read.
+        New jobs and jobs not yet ended are re-read (their events from where the last sync stopped);
+        jobs found `lost` get their end recorded (`mark_lost`); rows whose directory is gone are
+        dropped. Ended jobs are not re-read.
         """
-        with self._connect() as con:
-            known = dict(con.execute("SELECT id, state FROM jobs").fetchall())
+        with self.connect() as con:
+            known = {
+                row[0]: (row[1], EventScan(int(row[2] or 0), json.loads(row[3] or "[]"), row[4], row[5]))
+                for row in con.execute("SELECT id, state, scan_offset, artifacts, steps, final_loss FROM jobs")
+            }
         summaries = []
         for job in list_jobs():
-            state = known.get(job.id)
+            state, scan = known.get(job.id, (None, None))
             if state in TERMINAL and not (state == "lost" and job.status().get("state") in ACTIVE):
                 continue
             try:
-                summary = job_summary(job)
+                summary = job_summary(job, scan)
                 if summary["state"] == "lost" and mark_lost(job):
-                    summary = job_summary(job)
+                    summary = job_summary(job, scan)
             except OSError:
                 continue  # a directory being created or deleted right now; the next sync sees it
             summaries.append(summary)
-        with self._connect() as con:
+        with self.connect() as con:
             for summary in summaries:
                 self._upsert(con, summary)
             gone = [
@@ -210,3 +342,11 @@ class Store:
             ]
             con.executemany("DELETE FROM jobs WHERE id = ?", [(g,) for g in gone])
         return self.all()
+
+
+def select(
+    jobs: list[dict[str, Any]], states: Iterable[str] = (), kinds: Iterable[str] = ()
+) -> list[dict[str, Any]]:
+    """The jobs whose state is one of `states` and kind one of `kinds` (an empty filter admits all)."""
+    states, kinds = set(states), set(kinds)
+    return [j for j in jobs if (not states or j["state"] in states) and (not kinds or j["kind"] in kinds)]

@@ -74,6 +74,7 @@ class ConfigScreen(Screen[None]):
         _b("f4", "focus_preset", "Preset"),
         _b("f5", "start", "Start"),
         _b("f7", "check", "Check"),
+        _b("f8", "queue", "Queue"),
         _b("ctrl+s", "save", "Save", priority=True),
         _b("ctrl+o", "load", "Load", priority=True),
         _b("f6", "add_subset", "Add subset"),
@@ -90,9 +91,9 @@ class ConfigScreen(Screen[None]):
             self.path, self.error = path, error
 
     class _Checked(Message):
-        def __init__(self, config: TrainingConfig, problems: list[Problem], start: bool) -> None:
+        def __init__(self, config: TrainingConfig, problems: list[Problem], start: bool, queue: bool) -> None:
             super().__init__()
-            self.config, self.problems, self.start = config, problems, start
+            self.config, self.problems, self.start, self.queue = config, problems, start, queue
 
     class _DemoReady(Message):
         def __init__(self, error: str | None) -> None:
@@ -335,7 +336,11 @@ class ConfigScreen(Screen[None]):
         """The pre-flight check alone: every problem with its fix, nothing started."""
         self._preflight(start=False)
 
-    def _preflight(self, start: bool) -> None:
+    def action_queue(self) -> None:
+        """Like Start, but the job waits in the queue for a free GPU (`nyx train --queue`)."""
+        self._preflight(start=True, queue=True)
+
+    def _preflight(self, start: bool, queue: bool = False) -> None:
         if self.checking:
             self.set_status("the pre-flight check is already running")
             return
@@ -350,10 +355,10 @@ class ConfigScreen(Screen[None]):
             return
         self.checking = True
         self.set_status("checking the files …")
-        self._check(cfg, self.preset == demo.PRESET and self.source is None, start)
+        self._check(cfg, self.preset == demo.PRESET and self.source is None, start, queue)
 
     @work(thread=True, exclusive=True, group="check")
-    def _check(self, cfg: TrainingConfig, needs_demo: bool, start: bool) -> None:
+    def _check(self, cfg: TrainingConfig, needs_demo: bool, start: bool, queue: bool) -> None:
         problems: list[Problem] = []
         if needs_demo:
             ws = demo.workspace()
@@ -365,7 +370,7 @@ class ConfigScreen(Screen[None]):
                 problems.append(Problem("model.pretrained", f"the demo workspace could not be built: {e}", "retry"))
         if not problems:
             problems = check_config(cfg)
-        self.post_message(self._Checked(cfg, problems, start))
+        self.post_message(self._Checked(cfg, problems, start, queue))
 
     def on_config_screen__checked(self, message: _Checked) -> None:
         self.checking = False
@@ -385,8 +390,8 @@ class ConfigScreen(Screen[None]):
             return
         if warnings:
             self.notify("\n".join(map(str, warnings)), title="Started with warnings", severity="warning")
-        self.set_status("✓ pre-flight passed: starting")
-        self.post_message(StartTraining(message.config, self.source))
+        self.set_status("✓ pre-flight passed: " + ("queued" if message.queue else "starting"))
+        self.post_message(StartTraining(message.config, self.source, queue=message.queue))
 
     # save / load
 

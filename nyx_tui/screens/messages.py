@@ -27,10 +27,11 @@ class StartTraining(Message):
     """Create and start a training job from a config that passed the pre-flight check; the App opens
     the dashboard on it. `source` is the TOML file it came from, if any."""
 
-    def __init__(self, config: TrainingConfig, source: Path | None = None) -> None:
+    def __init__(self, config: TrainingConfig, source: Path | None = None, queue: bool = False) -> None:
         super().__init__()
         self.config = config
         self.source = source
+        self.queue = queue  # wait in the queue for a free GPU instead of starting now
 
 
 class StartDemo(Message):

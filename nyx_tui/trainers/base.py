@@ -115,13 +115,15 @@ def backend_problems(cfg: TrainingConfig) -> list[Problem]:
     return trainer.problems(cfg)
 
 
-def create_training_job(cfg: TrainingConfig) -> JobDir:
+def create_training_job(cfg: TrainingConfig, queue: bool = False) -> JobDir:
     """A queued training job for a config that has passed its checks: a job dir with the resolved config
-    snapshot and the backend's worker command. Nothing runs until a supervisor is spawned for it."""
+    snapshot and the backend's worker command. Nothing runs until a supervisor is spawned for it; with
+    `queue` the spec marks it for the scheduler (`jobs.queue.enqueue`)."""
     trainer = get_trainer(cfg)
     if trainer is None:
         raise ValueError(f"no trainer for backend {cfg.backend.name.value!r}")
     name = f"{cfg.model.family.value}-{cfg.saving.output_name}"
-    return create_job(
-        "train", name, argv=trainer.argv(), config_toml=dumps_config(cfg), extra={"backend": trainer.name}
-    )
+    extra: dict[str, object] = {"backend": trainer.name, "resource": "gpu"}
+    if queue:
+        extra["queue"] = True
+    return create_job("train", name, argv=trainer.argv(), config_toml=dumps_config(cfg), extra=extra)
