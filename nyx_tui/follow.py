@@ -1,11 +1,15 @@
 """Following a job from the command line: Rich progress over its events, nothing else.
 
 This is a view: it reads `events.jsonl` and `status.json` and never signals the job, so killing it
-(Ctrl+C, a dropped SSH session, `kill -9`) leaves the job running.
+(Ctrl+C, a dropped SSH session, `kill -9`) leaves the job running. The one thing it may write is the
+`lost` end of a job whose supervisor died, as `nyx jobs` does; then it ends like any other follower.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 from typing import Any
 
@@ -21,6 +25,7 @@ from rich.progress import (
 
 from nyx_tui.jobs.events import EventTail
 from nyx_tui.jobs.jobdir import TERMINAL, JobDir
+from nyx_tui.jobs.store import LOST_ERROR
 
 _LEVEL_STYLE = {"debug": "dim", "info": "", "warning": "yellow", "error": "bold red"}
 
@@ -50,6 +55,7 @@ class JobFollower:
         )
         self._train: TaskID | None = None
         self._stage: TaskID | None = None
+        self._tty = _terminal_fd(console)
 
     def _on_event(self, e: dict[str, Any]) -> None:
         kind = e.get("kind")
@@ -91,29 +97,56 @@ class JobFollower:
         last_check = 0.0
         with self.progress:
             while end is None:
-                for e in tail.poll():
-                    if e.get("kind") == "end":
-                        end = e
-                    else:
-                        self._on_event(e)
+                end = self._read(tail)
                 if end is not None:
                     break
                 now = time.monotonic()
                 if now - last_check > 2.0:  # a job can end without an end event only if it was lost
                     last_check = now
+                    if self._tty is not None and not os.isatty(self._tty):
+                        # the terminal was hung up (an SSH drop) but SIGHUP is ignored here (`nohup`,
+                        # `trap '' HUP`): nobody sees this view and every write fails. End as the hangup
+                        # would have; the job goes on.
+                        os._exit(128 + signal.SIGHUP)
                     state = self.job.effective_state()
                     if state in TERMINAL:
-                        for e in tail.poll():
-                            if e.get("kind") == "end":
-                                end = e
-                            else:
-                                self._on_event(e)
+                        if state == "lost":
+                            _record_lost(self.job)
+                        end = self._read(tail)
                         if end is None:
                             status = self.job.status()
-                            end = {"kind": "end", "state": state, "error": status.get("error")}
+                            error = status.get("error") or (LOST_ERROR if state == "lost" else None)
+                            end = {"kind": "end", "state": state, "error": error, "hint": status.get("hint")}
                         break
                 time.sleep(self.poll_s)
         return end
+
+    def _read(self, tail: EventTail) -> dict[str, Any] | None:
+        """Show the new events; return the end event if it came."""
+        for e in tail.poll():
+            if e.get("kind") == "end":
+                return e
+            self._on_event(e)
+        return None
+
+
+def _terminal_fd(console: Console) -> int | None:
+    """The fd of the console's terminal, or None when it does not write to one."""
+    try:
+        fd = console.file.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    return fd if os.isatty(fd) else None
+
+
+def _record_lost(job: JobDir) -> None:
+    """The supervisor died without an end (kill -9, the OOM killer): write the `lost` end the way
+    `nyx jobs` would (`mark_lost`: once, under the job's lock), so this view and every later one show
+    why, with the worker's last lines. Best effort: without it `run` makes up the end from the status."""
+    from nyx_tui.jobs.store import mark_lost
+
+    with contextlib.suppress(OSError):
+        mark_lost(job)
 
 
 def print_end(console: Console, job: JobDir, end: dict[str, Any]) -> None:

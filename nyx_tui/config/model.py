@@ -472,6 +472,14 @@ class SavingSection(_Section):
         unit="steps",
         ge=0,
     )
+    save_state: bool = param(
+        True,
+        description="With each saved LoRA, also save the training state (optimizer, schedule, random generators) "
+        "as `<name>-state/`, so the run can be resumed. A stop always saves it.",
+        group="saving",
+        advanced=True,
+        kohya="save_state",
+    )
     precision: SavePrecision = param(
         SavePrecision.FP16,
         description="Precision of the saved weights.",

@@ -122,6 +122,31 @@ def worker_env(spec: dict[str, Any]) -> dict[str, str]:
     return env
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether a process group still has a live member. A child orphaned by the worker's death is
+    reparented to PID 1 and, once it dies, stays a zombie until PID 1 reaps it, which a container's init
+    may do late or never; `killpg(pgid, 0)` counts zombies, so on Linux /proc is read and they are not.
+    Otherwise a worker killed (by the OOM killer) with a child in its group would end only once PID 1
+    got round to it: up to the 2 s + 2 s of `_clean_group`."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:  # no /proc (not Linux): trust killpg
+        return True
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
 def signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
@@ -284,9 +309,7 @@ class Supervisor:
         the GPU and the pipe: the job is over, so they get SIGTERM, then SIGKILL. The pgid cannot have
         been reused while any member of the group lives."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pgid, 0)
-            except (ProcessLookupError, PermissionError):
+            if not group_alive(pgid):
                 return
             try:
                 os.killpg(pgid, sig)
@@ -294,9 +317,7 @@ class Supervisor:
                 return
             for _ in range(20):
                 await asyncio.sleep(0.1)
-                try:
-                    os.killpg(pgid, 0)
-                except (ProcessLookupError, PermissionError):
+                if not group_alive(pgid):
                     return
 
     def _on_signal(self, sig: int) -> None:

@@ -4,6 +4,10 @@ One function, `train`, reads top to bottom like nanoGPT's loop: build the data, 
 adapter, make the optimizer and schedule, then per optimizer step: accumulate gradients over micro-
 batches, clip, step, emit a `step` event, look at `control.jsonl`, save when due.
 
+A save writes the LoRA and, unless `saving.save_state` is off (a `stop` always writes it), the training
+state next to it: `<name>-state/`, accelerate's `save_state` folder (the LoRA weights only, the optimizer,
+the schedule, the seeded generators, the RNG states) plus `nyx_state.json` (step, epoch), written last.
+
 Why `accelerate`: it is the thing that makes the same loop run under `accelerate launch` on several GPUs
 (DDP wrapping, `no_sync` during accumulation, autocast for fp16/bf16, a gradient scaler for fp16) without
 a second code path. On the CPU with one process it wraps nothing but the optimizer, in a thin shim (the
@@ -19,6 +23,7 @@ timesteps. Same seed, data and config → the same losses.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -37,8 +42,10 @@ from diffusers.optimization import get_scheduler
 from nyx_tui.config.model import TrainingConfig
 from nyx_tui.jobs.control import ControlReader
 from nyx_tui.jobs.events import EventWriter
-from nyx_tui.jobs.jobdir import JobDir
+from nyx_tui.jobs.jobdir import JobDir, atomic_write
 from nyx_tui.trainers.native import LOAD_STAGES, data, lora_io, models
+
+STATE_INFO = "nyx_state.json"  # in a training-state folder: step, epoch, max_steps, the LoRA saved with it
 
 
 class Reporter:
@@ -54,9 +61,9 @@ class Reporter:
         if self.enabled:
             self.events.emit(kind, **fields)
 
-    def log(self, message: str, level: str = "info") -> None:
+    def log(self, message: str, level: str = "info", **fields: Any) -> None:
         if self.enabled:
-            self.events.emit("log", level=level, message=message)
+            self.events.emit("log", level=level, message=message, **fields)
             print(f"[{level}] {message}", flush=True)
 
     def stage(self, index: int) -> None:
@@ -65,6 +72,30 @@ class Reporter:
         if self.enabled:
             self.events.emit("progress", done=index, total=len(LOAD_STAGES), unit="stage", message=message)
             print(f"{message}…", flush=True)
+
+
+class SeededGenerators:
+    """The run's seeded generators (data order, noise) as one object accelerate can checkpoint."""
+
+    def __init__(self, **generators: torch.Generator) -> None:
+        self.generators = generators
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: g.get_state() for name, g in self.generators.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, value in state.items():
+            self.generators[name].set_state(value)
+
+
+def keep_trainable_weights(models: list[torch.nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
+    """accelerate's save-state hook: a state keeps only the trainable (LoRA) weights. The base model is
+    frozen and comes from `model.pretrained`; saving it would add gigabytes to every state. So a state is
+    loaded with `accelerator.load_state(folder, strict=False)`."""
+    for model, state in zip(models, weights, strict=False):
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        for key in [k for k in state if k not in trainable]:
+            del state[key]
 
 
 def seed_everything(seed: int) -> None:
@@ -202,16 +233,24 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
         power=cfg.scheduler.power,
     )
     unet, optimizer = accelerator.prepare(model.unet, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler, SeededGenerators(data=data_gen, noise=noise_gen))
+    accelerator.register_save_state_pre_hook(keep_trainable_weights)
 
     # ---------------------------------------------------------------- saving
     out_dir = Path(cfg.saving.output_dir) if cfg.saving.output_dir else job.output_dir
     save_dtype = lora_io.SAVE_DTYPES[cfg.saving.precision.value]
     started_at = time.time()
 
-    def save(step: int, epoch: int, final: bool) -> None:
-        if not accelerator.is_main_process:
-            return
+    def save(step: int, epoch: int, final: bool, state: bool) -> None:
+        """The LoRA `<name>.safetensors`, then (with `state`) the training state `<name>-state/`."""
         name = cfg.saving.output_name + ("" if final else f"-step{step:06d}")
+        lora = out_dir / f"{name}.safetensors"
+        if accelerator.is_main_process:
+            save_lora(lora, step, epoch)
+        if state:
+            save_training_state(out_dir / f"{name}-state", lora, step, epoch)
+
+    def save_lora(path: Path, step: int, epoch: int) -> None:
         tensors = lora_io.kohya_state_dict(accelerator.unwrap_model(unet), cfg.network.alpha, save_dtype)
         meta = lora_io.build_metadata(
             cfg,
@@ -224,9 +263,20 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
             epoch=epoch,
             num_epochs=num_epochs,
         )
-        path = lora_io.save_lora(out_dir / f"{name}.safetensors", tensors, meta)
+        path = lora_io.save_lora(path, tensors, meta)
         report.emit("artifact", path=str(path), what="lora", step=step)
         print(f"saved {path}", flush=True)
+
+    def save_training_state(path: Path, lora: Path, step: int, epoch: int) -> None:
+        """Every process writes its part (its RNG state; the main one the rest). No barrier: the processes
+        may read a command at different steps. `nyx_state.json` comes last: without it, it is incomplete."""
+        accelerator.save_state(str(path))
+        if not accelerator.is_main_process:
+            return
+        info = {"step": step, "epoch": epoch, "max_steps": tr.max_steps, "lora": str(lora), "saved": time.time()}
+        atomic_write(path / STATE_INFO, json.dumps(info, indent=1) + "\n")
+        report.emit("artifact", path=str(path), what="state", step=step)
+        print(f"saved the training state {path}", flush=True)
 
     # ---------------------------------------------------------------- the loop
     def batches() -> Iterator[tuple[int, dict[str, Any]]]:
@@ -243,25 +293,25 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
     accum = tr.gradient_accumulation_steps
     print_every = max(1, tr.max_steps // 20)
     step, epoch = 0, 1
+    stopped = False
     report.stage(len(LOAD_STAGES))
     times.append(time.perf_counter())
     while step < tr.max_steps:
         # -- commands (cheap: one read of a small file)
-        stop = False
         for cmd in control.poll():
             what = cmd.get("command")
             if what == "cancel":
-                report.log("cancel received: exiting without saving")
+                report.log("cancel received: exiting without saving", ack=what)
                 return 0
             if what == "stop":
-                report.log(f"stop received at step {step}: saving and exiting")
-                stop = True
+                report.log(f"stop received at step {step}: saving (LoRA and training state) and exiting", ack=what)
+                stopped = True
             elif what == "save_now":
-                report.log(f"save_now received: saving at step {step}")
-                save(step, epoch, final=False)
+                report.log(f"save_now received: saving at step {step}", ack=what)
+                save(step, epoch, final=False, state=cfg.saving.save_state)
             elif what == "sample_now":
-                report.log("sample_now received: the native engine does not render samples yet", "warning")
-        if stop:
+                report.log("sample_now received: the native engine does not render samples yet", "warning", ack=what)
+        if stopped:
             break
 
         # -- one optimizer step over `accum` micro-batches
@@ -309,9 +359,9 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
                 flush=True,
             )
         if cfg.saving.every_n_steps and step % cfg.saving.every_n_steps == 0 and step < tr.max_steps:
-            save(step, epoch, final=False)
+            save(step, epoch, final=False, state=cfg.saving.save_state)
 
-    save(step, epoch, final=True)
+    save(step, epoch, final=True, state=stopped or cfg.saving.save_state)  # a stopped run is meant to go on
     accelerator.wait_for_everyone()
-    report.log(f"finished at step {step} in {time.time() - started_at:.1f} s")
+    report.log(f"{'stopped' if stopped else 'finished'} at step {step} in {time.time() - started_at:.1f} s")
     return 0
