@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 
@@ -43,7 +42,7 @@ from nyx_tui.config.model import TrainingConfig
 from nyx_tui.jobs.control import ControlReader
 from nyx_tui.jobs.events import EventWriter
 from nyx_tui.jobs.jobdir import JobDir, atomic_write
-from nyx_tui.trainers.native import LOAD_STAGES, data, lora_io, models
+from nyx_tui.trainers.native import LOAD_STAGES, data, latents, lora_io, losses, models, networks
 
 STATE_INFO = "nyx_state.json"  # in a training-state folder: step, epoch, max_steps, the LoRA saved with it
 
@@ -104,50 +103,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def encode_prompts(model: models.SDModel, captions: list[str], device: torch.device) -> torch.Tensor:
-    ids = model.tokenizer(
-        captions,
-        padding="max_length",
-        max_length=model.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return model.text_encoder(ids.to(device))[0]
-
-
-def diffusion_loss(
-    model: models.SDModel,
-    unet: torch.nn.Module,
-    batch: dict[str, Any],
-    gen: torch.Generator,
-    noise_offset: float,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """The denoising loss of one batch: encode, noise at uniform timesteps, predict, MSE to the target."""
-    with torch.no_grad():
-        pixels = batch["pixels"].to(device, dtype)
-        posterior = model.vae.encode(pixels).latent_dist
-        eps = torch.randn(posterior.mean.shape, generator=gen).to(device, dtype)
-        latents = (posterior.mean + posterior.std * eps) * model.vae.config.scaling_factor
-        hidden = encode_prompts(model, batch["captions"], device)
-    noise = torch.randn(latents.shape, generator=gen)
-    if noise_offset:
-        noise += noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
-    noise = noise.to(device, dtype)
-    sched = model.noise_scheduler
-    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=gen).to(device)
-    noisy = sched.add_noise(latents, noise, t)
-    if model.prediction_type == "epsilon":
-        target = noise
-    elif model.prediction_type == "v_prediction":
-        target = sched.get_velocity(latents, noise, t)
-    else:
-        raise ValueError(f"unsupported prediction_type {model.prediction_type!r} in the model's scheduler config")
-    pred = unet(noisy, t, hidden).sample
-    return F.mse_loss(pred.float(), target.float())
-
-
 def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
     """Run the whole training job; returns the process exit code (0 also for `stop` and `cancel`)."""
     # paths are absolute here: `load_config` resolved relative ones against the config file's folder
@@ -195,29 +150,25 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
 
     # ---------------------------------------------------------------- model + adapter
     report.stage(2)
-    model = models.load_sd15(cfg.model.pretrained)
+    model = models.load_model(cfg.model)
     models.freeze(model)
     for part in (model.text_encoder, model.vae, model.unet):
         part.to(device) if weight_dtype == torch.float32 else part.to(device, weight_dtype)
     report.stage(3)
     seed_everything(tr.seed)
-    params = models.add_unet_lora(model.unet, cfg.network)
-    for p in params:  # trainable weights stay fp32 under autocast
-        p.data = p.data.float()
+    network = networks.attach(model, cfg)
+    params = network.params
     if tr.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     model.unet.train()
-    report.log(
-        f"LoRA rank {cfg.network.dim}, alpha {cfg.network.alpha:g} on {cfg.network.target_modules}: "
-        f"{sum(p.numel() for p in params):,} trainable parameters"
-    )
+    report.log(network.describe())
 
     # ---------------------------------------------------------------- optimizer + schedule
     report.stage(4)
     opt = cfg.optimizer
     extra: dict[str, Any] = dict(opt.args)  # passed as they are (e.g. amsgrad = true, fused = true)
     optimizer = torch.optim.AdamW(
-        params,
+        network.param_groups(),
         lr=opt.learning_rate,
         weight_decay=opt.weight_decay,
         betas=(opt.betas[0], opt.betas[1]),
@@ -251,7 +202,7 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
             save_training_state(out_dir / f"{name}-state", lora, step, epoch)
 
     def save_lora(path: Path, step: int, epoch: int) -> None:
-        tensors = lora_io.kohya_state_dict(accelerator.unwrap_model(unet), cfg.network.alpha, save_dtype)
+        tensors = network.kohya_state_dict(save_dtype)
         meta = lora_io.build_metadata(
             cfg,
             step=step,
@@ -288,7 +239,7 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
 
     stream = batches()
     control = ControlReader(job.control_path)
-    losses: deque[float] = deque(maxlen=cfg.logging.loss_avg_window)
+    recent: deque[float] = deque(maxlen=cfg.logging.loss_avg_window)
     times: deque[float] = deque(maxlen=21)
     accum = tr.gradient_accumulation_steps
     print_every = max(1, tr.max_steps // 20)
@@ -320,7 +271,10 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
             epoch, batch = next(stream)
             sync = micro == accum - 1
             with nullcontext() if sync else accelerator.no_sync(unet), accelerator.autocast():
-                loss = diffusion_loss(model, unet, batch, noise_gen, tr.noise_offset, device, weight_dtype)
+                lat = latents.batch_latents(model, batch, noise_gen, device, weight_dtype)
+                with torch.no_grad():
+                    cond = models.encode_text(model, batch["captions"], device)
+                loss = losses.training_loss(model, unet, lat, cond, batch, noise_gen, tr, device, weight_dtype)
                 accelerator.backward(loss / accum)
             loss_sum += loss.detach().item()
         if opt.max_grad_norm > 0:
@@ -337,10 +291,10 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
             raise FloatingPointError(
                 f"the loss became {step_loss} at step {step}; lower optimizer.learning_rate or use fp32/bf16"
             )
-        losses.append(step_loss)
+        recent.append(step_loss)
         times.append(time.perf_counter())
         it_s = (len(times) - 1) / (times[-1] - times[0])
-        loss_avg = sum(losses) / len(losses)
+        loss_avg = sum(recent) / len(recent)
         report.emit(
             "step",
             step=step,

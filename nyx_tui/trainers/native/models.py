@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from nyx_tui.config.model import NetworkSection
+from nyx_tui.config.model import ModelSection, NetworkSection
 
 
 @dataclass
@@ -36,6 +36,39 @@ class SDModel:
     @property
     def prediction_type(self) -> str:
         return str(self.noise_scheduler.config.get("prediction_type", "epsilon"))
+
+
+@dataclass
+class Conditioning:
+    """What the denoiser is conditioned on for one batch: the text encoders' hidden states, and for
+    families that use them (SDXL) the pooled text embedding."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
+def load_model(cfg: ModelSection) -> SDModel:
+    """The base model of `cfg`, whatever its family and form (folder, file, repo id)."""
+    return load_sd15(cfg.pretrained)
+
+
+def encode_text(model: SDModel, captions: list[str], device: torch.device) -> Conditioning:
+    ids = model.tokenizer(
+        captions,
+        padding="max_length",
+        max_length=model.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return Conditioning(hidden=model.text_encoder(ids.to(device))[0])
+
+
+def predict(
+    model: SDModel, unet: Any, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, batch: dict[str, Any]
+) -> torch.Tensor:
+    """The denoiser's prediction for `noisy` at `timesteps`. `unet` is the (possibly DDP-wrapped) UNet;
+    `batch` carries per-image facts some families condition on (SDXL: original size and crop)."""
+    return unet(noisy, timesteps, cond.hidden).sample
 
 
 def load_sd15(pretrained: str | Path) -> SDModel:
