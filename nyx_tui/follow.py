@@ -123,11 +123,13 @@ class JobFollower:
 
     def _read(self, tail: EventTail) -> dict[str, Any] | None:
         """Show the new events; return the end event if it came."""
-        for e in tail.poll():
-            if e.get("kind") == "end":
-                return e
-            self._on_event(e)
-        return None
+        while True:  # a long backlog comes in bounded chunks: drain it before the next sleep
+            for e in tail.poll():
+                if e.get("kind") == "end":
+                    return e
+                self._on_event(e)
+            if tail.caught_up:
+                return None
 
 
 def _terminal_fd(console: Console) -> int | None:
@@ -160,9 +162,8 @@ def print_end(console: Console, job: JobDir, end: dict[str, Any]) -> None:
         console.print("  last lines of output.log:")
         for line in end["last_lines"][-15:]:
             console.print(f"    {line}", markup=False, highlight=False)
-    steps = [e for e in job.events() if e.get("kind") == "step"]
-    if steps:
-        first, last = steps[0], steps[-1]
+    first, last = job.first_event("step"), job.last_event("step")
+    if first is not None and last is not None:
         console.print(
             f"  steps {last.get('step')}/{last.get('total')}, loss (moving average) "
             f"{first.get('loss_avg', float('nan')):.4f} → {last.get('loss_avg', float('nan')):.4f}",

@@ -433,3 +433,23 @@ def test_store_summary_keys_artifacts_get_and_deleted_dirs(nyx_home: Path) -> No
     other.path.rmdir()
     assert [s["id"] for s in store.sync()] == [job.id]
     assert store.get(other.id) is None
+
+
+def test_first_last_event_and_artifacts_read_only_what_they_need(nyx_home: Path) -> None:
+    job = create_job("train", "long", ["true"])
+    assert job.last_event("end") is None and job.first_event("step") is None and job.artifacts() == []
+    with EventWriter(job.events_path) as ev:
+        ev.emit("start", job=job.id, job_kind="train")
+        for i in range(1, 20001):
+            ev.emit("step", step=i, total=20000, epoch=1, loss=1.0, loss_avg=1.0 / i, lr=[1], it_s=1, eta_s=0)
+            if i == 3:
+                ev.emit("artifact", path="/a.safetensors", what="lora", step=3)
+        ev.emit("end", state="finished")
+        for _ in range(5000):  # > the first 64 KiB window: the search must widen
+            ev.log("x" * 50)
+    with open(job.events_path, "ab") as f:
+        f.write(b'{"v":1,"t":1,"kind":"end","state":"torn')  # an incomplete last line is not an event
+    first, last, end = job.first_event("step"), job.last_event("step"), job.last_event("end")
+    assert first is not None and last is not None and end is not None
+    assert (first["step"], last["step"], end["state"]) == (1, 20000, "finished")
+    assert job.artifacts() == [{"path": "/a.safetensors", "what": "lora", "step": 3}]

@@ -23,6 +23,7 @@ from nyx_tui.jobs.events import EventWriter
 from nyx_tui.jobs.jobdir import JobDir, create_job
 from nyx_tui.screens.dashboard import ConfirmScreen, DashboardScreen, JobPickerScreen
 from nyx_tui.screens.messages import ControlJob, OpenJob, StartDemo
+from nyx_tui.widgets.log_view import LogTail
 
 
 @pytest.fixture(autouse=True)
@@ -357,6 +358,103 @@ def test_empty_state_offers_demo(monkeypatch: pytest.MonkeyPatch) -> None:
             assert [type(m) for m in app.messages] == [StartDemo]
 
     asyncio.run(run())
+
+
+def frame(i: int, total: int = 100_000) -> str:
+    return (
+        f"steps: {i * 100 // total:3d}%|{'#' * (i * 20 // total):20}| {i}/{total} [00:10<00:20, 1.33it/s, avr_loss=0.1]"
+    )
+
+
+def tqdm_frames(first: int, last: int) -> bytes:
+    """sd-scripts' progress bar: each redraw starts with a bare \\r and ends with nothing."""
+    return "".join(f"\r{frame(i)}" for i in range(first, last + 1)).encode()
+
+
+def test_output_log_tail_collapses_redraws_and_reads_only_what_is_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nyx_tui.widgets import log_view
+
+    reads: list[int] = []
+    real_open = open
+
+    class Counting:
+        def __init__(self, path: Path, mode: str) -> None:
+            self.f = real_open(path, mode)
+
+        def __enter__(self) -> Counting:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def fileno(self) -> int:
+            return self.f.fileno()
+
+        def seek(self, n: int) -> int:
+            return self.f.seek(n)
+
+        def read(self, n: int = -1) -> bytes:
+            data = self.f.read(n)
+            reads.append(len(data))
+            return data
+
+    monkeypatch.setattr(log_view, "open", Counting, raising=False)
+    path = tmp_path / "output.log"
+    path.write_bytes(b"\x1b[1mloading model\x1b[0m\nepoch 1/10\n" + tqdm_frames(1, 40_000))  # ~4 MB, no newline
+    tail = log_view.OutputLogTail(path, start_bytes=64 << 10)
+    assert tail.poll()
+    assert reads == [64 << 10]  # opening reads the end of the file only
+    # the lines before the bar were further back than that; the bar is one line: the frame before the last
+    # (the last one has no end yet)
+    assert tail.lines == [frame(39_999)]
+    with open(path, "ab") as f:
+        f.write(tqdm_frames(40_001, 40_500))
+    assert tail.poll() and tail.lines == [frame(40_499)]
+    assert reads[-1] == len(tqdm_frames(40_001, 40_500))  # only what was appended
+    assert not tail.poll() and reads[-1] == 0
+    with open(path, "ab") as f:
+        f.write(b"\nsaving checkpoint: output/a.safetensors\n")
+    assert tail.poll() and tail.lines == [frame(40_500), "saving checkpoint: output/a.safetensors"]
+
+    # a small log from the start: every line; a flood larger than max_bytes skips ahead
+    small = tmp_path / "small.log"
+    small.write_bytes(b"a\nb\n" + tqdm_frames(1, 3) + b"\n")
+    t2 = log_view.OutputLogTail(small, max_bytes=100_000)
+    assert t2.poll() and t2.lines == ["a", "b", frame(3)]
+    with open(small, "ab") as f:
+        f.write(b"half a line" + tqdm_frames(4, 9_000) + b"\ndone\n")
+    reads.clear()
+    assert t2.poll() and reads == [100_000]
+    assert t2.lines == ["a", "b", frame(3), frame(9_000), "done"]  # "half a line…" was skipped
+
+
+def test_output_view_toggles_and_shows_a_progress_bar_as_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    job, w, fd = make_job(monkeypatch, "raw", running=True)
+    clock = T()
+    running_history(w, clock, upto=20)
+    job.log_path.write_bytes(b"loading model\n" + tqdm_frames(1, 500))  # ~45 KB: all of it is read
+
+    async def run() -> None:
+        app = HostApp(job.id)
+        async with app.run_test(size=(120, 36)) as pilot:
+            screen = await settle(pilot)
+            log = screen.query_one("#log", LogTail)
+            assert any("xformers" in line for line in log.lines)
+            await pilot.press("l")
+            await settle(pilot, lambda s: log.lines == ["loading model", frame(499)])
+            assert log.lines[0] == "loading model" and log.border_title
+            with open(job.log_path, "ab") as f:
+                f.write(tqdm_frames(501, 5_000))
+            await settle(pilot, lambda s: log.lines[-1] == frame(4_999))
+            assert len(log.lines) == 2  # redrawn in place, not a flood
+            await pilot.press("l")
+            await settle(pilot, lambda s: any("xformers" in line for line in log.lines))
+            assert not any("steps:" in line for line in log.lines) and not log.border_title
+
+    asyncio.run(run())
+    os.close(fd or -1)
 
 
 # ---------------------------------------------------------------------------- snapshots

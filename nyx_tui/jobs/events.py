@@ -97,44 +97,71 @@ def _parse(line: bytes) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
+def parse_lines(data: bytes) -> list[dict[str, Any]]:
+    """The events of complete lines (`data` ends with a newline or is a set of whole lines); text after the
+    last newline is not a complete line and is ignored, as are lines that are not JSON objects."""
+    return [e for e in map(_parse, data.split(b"\n")[:-1]) if e is not None]
+
+
 def read_events(path: Path) -> list[dict[str, Any]]:
-    """All complete, parseable events of a file (a missing file has none)."""
+    """All complete, parseable events of a file (a missing file has none). Holds them all: for a long
+    run use `EventTail` (or `JobSeries.replay`), which read a bounded chunk at a time."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         return []
-    events = []
-    for line in data.split(b"\n")[:-1]:  # the part after the last newline is incomplete
-        event = _parse(line)
-        if event is not None:
-            events.append(event)
-    return events
+    return parse_lines(data)
+
+
+READ_CHUNK = 4 << 20  # bytes an EventTail reads per call: a million-step log never sits in memory at once
 
 
 class EventTail:
-    """Incremental reader: `poll()` returns the events appended since the last call.
+    """Incremental reader: `poll()` returns the events appended since the last call, a bounded chunk at a time.
 
-    Keeps a byte offset and a buffer for a line still being written, so nothing is read twice or lost.
+    `offset` is the byte after the last complete line handed out, so `EventTail(path, offset)` resumes
+    exactly there; a line still being written is not handed out until its newline has arrived.
+    Each call reads at most `max_bytes` new bytes (a line longer than that is read on to its end and
+    comes out whole), so re-attaching to a long run costs bounded memory. A caller that wants everything
+    appended so far loops while `caught_up` is false (`follow()` does).
     """
 
     def __init__(self, path: Path, offset: int = 0) -> None:
         self.path = Path(path)
         self.offset = offset
         self._partial = b""
+        self.caught_up = False  # the last read reached the end of the file
 
-    def poll(self) -> list[dict[str, Any]]:
+    def read_lines(self, max_bytes: int = READ_CHUNK) -> bytes:
+        """The next complete lines, raw (each ending in `\\n`), from about `max_bytes` of new data; `b""`
+        only when no complete line is left to read."""
+        max_bytes = max(1, max_bytes)
         try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
+            f = open(self.path, "rb")  # noqa: SIM115  (closed below)
         except FileNotFoundError:
-            return []
-        if not chunk:
-            return []
-        self.offset += len(chunk)
-        data = self._partial + chunk
-        *lines, self._partial = data.split(b"\n")
-        return [e for e in (_parse(line) for line in lines) if e is not None]
+            self.caught_up = True
+            return b""
+        with f:
+            f.seek(self.offset + len(self._partial))
+            pieces = [self._partial] if self._partial else []
+            while True:
+                chunk = f.read(max_bytes)
+                self.caught_up = len(chunk) < max_bytes
+                pieces.append(chunk)
+                if self.caught_up or b"\n" in chunk:
+                    break
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        cut = data.rfind(b"\n") + 1
+        self.offset += cut
+        # The start of a line still being written is read again next time (a few bytes: cheaper than keeping
+        # and joining it, which costs a fresh buffer a chunk), unless it is already longer than a chunk.
+        self._partial = data[cut:] if len(data) - cut > max_bytes else b""
+        return data if cut == len(data) else data[:cut]
+
+    def poll(self, max_bytes: int = READ_CHUNK) -> list[dict[str, Any]]:
+        """The events of the next complete lines (see `read_lines`); lines that are not JSON objects are
+        skipped, so an empty list does not by itself mean the end of the file: see `caught_up`."""
+        return parse_lines(self.read_lines(max_bytes))
 
     def follow(self, interval: float = 0.2, stop: Any = None) -> Iterator[dict[str, Any]]:
         """Yield events as they arrive until an `end` event (or `stop()` returns true)."""
@@ -143,7 +170,11 @@ class EventTail:
             yield from events
             if any(e.get("kind") == "end" for e in events):
                 return
+            if not self.caught_up:
+                continue  # a backlog: read on without sleeping
             if stop is not None and stop():
-                yield from self.poll()
-                return
+                while True:
+                    yield from self.poll()
+                    if self.caught_up:
+                        return
             time.sleep(interval)

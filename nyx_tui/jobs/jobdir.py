@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from nyx_tui import paths
-from nyx_tui.jobs.events import read_events
+from nyx_tui.jobs.events import EventTail, read_events
 
 STATES = ("queued", "starting", "running", "finished", "failed", "cancelled", "lost")
 TERMINAL = frozenset({"finished", "failed", "cancelled", "lost"})
@@ -121,11 +121,53 @@ class JobDir:
         return read_events(self.events_path)
 
     def artifacts(self) -> list[dict[str, Any]]:
-        return [
-            {k: e[k] for k in ("path", "what", "step") if k in e}
-            for e in self.events()
-            if e.get("kind") == "artifact"
-        ]
+        """The artifact events, read in chunks: a million-step log is never held in memory."""
+        from nyx_tui.jobs.store import EventScan  # store builds on this module
+
+        return EventScan().read(self.events_path).artifacts
+
+    def first_event(self, kind: str) -> dict[str, Any] | None:
+        """The first event of `kind`, reading from the start only as far as needed."""
+        needle = f'"kind":"{kind}"'.encode()
+        tail = EventTail(self.events_path)
+        while True:
+            data = tail.read_lines()
+            if not data:
+                return None
+            at = data.find(needle)
+            while at >= 0:
+                start, end = data.rfind(b"\n", 0, at) + 1, data.find(b"\n", at)
+                event = _one(data[start:end])
+                if event is not None and event.get("kind") == kind:
+                    return event
+                at = data.find(needle, end)
+
+    def last_event(self, kind: str) -> dict[str, Any] | None:
+        """The last event of `kind`, reading the file backwards in growing windows."""
+        needle = f'"kind":"{kind}"'.encode()
+        try:
+            f = open(self.events_path, "rb")  # noqa: SIM115 (closed by `with` below)
+        except FileNotFoundError:
+            return None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            window = 1 << 16
+            while True:
+                start = max(0, size - window)
+                f.seek(start)
+                data = f.read(size - start)
+                end = data.rfind(b"\n") + 1  # complete lines only
+                at = data.rfind(needle, 0, end)
+                while at >= 0:
+                    line_start = data.rfind(b"\n", 0, at) + 1
+                    if line_start > 0 or start == 0:
+                        event = _one(data[line_start : data.find(b"\n", at)])
+                        if event is not None and event.get("kind") == kind:
+                            return event
+                    at = data.rfind(needle, 0, line_start)
+                if start == 0:
+                    return None
+                window *= 4
 
     # ---------------------------------------------------------------- liveness
     def supervisor_alive(self) -> bool:
@@ -172,6 +214,14 @@ class JobDir:
             if state in ACTIVE:
                 return "lost"
         return state
+
+
+def _one(line: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def new_job_id(name: str, root: Path | None = None) -> str:

@@ -1,17 +1,32 @@
 """Fold a job's events into what the dashboard shows. No Textual here.
 
-`JobSeries.feed(events)` is called with every batch `EventTail.poll()` returns, from the first byte of
-`events.jsonl` on. The loss history stays bounded however long the job runs: raw losses are averaged
-into buckets of `stride` steps; when `max_points` buckets are full, neighbours are merged pairwise and
-the stride doubles (so 1,000,000 steps keep at most `max_points` points, each the mean of its steps).
+`JobSeries.feed(events)` folds parsed events; `feed_lines(data)` folds the raw lines `EventTail.read_lines`
+returns, with the same result, fast enough to replay a million-step log in well under a second
+(`replay(path)` does that from byte 0). The loss history stays bounded however long the job runs: raw
+losses are averaged into buckets of `stride` steps; when `max_points` buckets are full, neighbours are
+merged pairwise and the stride doubles (so 1,000,000 steps keep at most `max_points` points, each the
+mean of its steps).
 """
 
 from __future__ import annotations
 
+import functools
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nyx_tui.jobs.events import EventTail, _parse
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+# Bytes decoded at a time. Small enough to stay in the CPU cache and under glibc's 128 KiB mmap threshold
+# (a bigger buffer is a fresh mmap each time: page faults cost more than the decoding), big enough that the
+# per-chunk work is noise (1,000,000 steps: ~0.5 s of CPU here, ~0.1 s more with 1 MiB chunks).
+REPLAY_CHUNK = 120 << 10
 
 
 @dataclass(frozen=True)
@@ -24,8 +39,53 @@ class LossPoint:
 def _num(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    f = float(value)
+    try:
+        f = float(value)
+    except OverflowError:  # an integer too large for a float
+        return None
     return f if f == f and f not in (float("inf"), float("-inf")) else None
+
+
+# What a step event changes when its field is usable (None: it leaves the value as it was).
+def _total(e: dict[str, Any]) -> int | None:
+    total = e.get("total")
+    return total if isinstance(total, int) and total > 0 else None
+
+
+def _epoch(e: dict[str, Any]) -> int | None:
+    epoch = e.get("epoch")
+    return epoch if isinstance(epoch, int) else None
+
+
+def _lr(e: dict[str, Any]) -> list[float] | None:
+    lr = e.get("lr")
+    if isinstance(lr, list):
+        return [v for v in (_num(x) for x in lr) if v is not None]
+    one = _num(lr)
+    return None if one is None else [one]
+
+
+def _kind(rec: Any) -> str | None:
+    """The kind of a msgspec record; None for an event `json.loads` read (or a line it refused)."""
+    return None if rec is None or isinstance(rec, dict) else str(rec.kind)
+
+
+@functools.cache
+def _line_decoder() -> Any:
+    """A msgspec decoder of only the fields the loss history needs from every step line; the others are
+    read from a run's last lines. Imported on the first replay, so the TUI's first frame never pays for it.
+    Typed fields make any line `feed` would treat differently (a string loss, a float step, NaN, a huge
+    number) a decode error, and such a line goes through `json.loads` and `feed`."""
+    import msgspec
+
+    class Line(msgspec.Struct, gc=False):
+        kind: str = ""
+        t: float | None = None
+        step: int | None = None
+        loss: float | None = None
+        loss_avg: float | None = None
+
+    return msgspec.json.Decoder(Line)
 
 
 class JobSeries:
@@ -113,17 +173,12 @@ class JobSeries:
         step = e.get("step")
         if isinstance(step, int):
             self.step = step
-        total = e.get("total")
-        if isinstance(total, int) and total > 0:
+        if (total := _total(e)) is not None:
             self.total = total
-        epoch = e.get("epoch")
-        if isinstance(epoch, int):
+        if (epoch := _epoch(e)) is not None:
             self.epoch = epoch
-        lr = e.get("lr")
-        if isinstance(lr, list):
-            self.lr = [v for v in (_num(x) for x in lr) if v is not None]
-        elif (one := _num(lr)) is not None:
-            self.lr = [one]
+        if (lr := _lr(e)) is not None:
+            self.lr = lr
         self.it_s = _num(e.get("it_s"))
         self.eta_s = _num(e.get("eta_s"))
         avg = _num(e.get("loss_avg"))
@@ -143,6 +198,166 @@ class JobSeries:
         if self._bucket_n >= self.stride:
             self._points.append(LossPoint(self._bucket_step, self._bucket_sum / self._bucket_n, self._bucket_avg))
             self._bucket_sum, self._bucket_n = 0.0, 0
+            if len(self._points) >= self.max_points:
+                self._halve()
+
+    # ------------------------------------------------------------------ fast replay
+    def replay(self, path: Path, max_bytes: int = REPLAY_CHUNK) -> int:
+        """Fold a whole `events.jsonl` in, `max_bytes` at a time; return the offset after the last complete
+        line, from which `EventTail(path, offset)` follows on (a torn last line is left for it)."""
+        tail = EventTail(path)
+        while data := tail.read_lines(max_bytes):
+            self.feed_lines(data)
+        return tail.offset
+
+    def feed_lines(self, data: bytes) -> int:
+        """Fold raw event lines in (text after the last newline is ignored); return how many were used.
+
+        The same result as `feed(parse_lines(data))` (every field; `version` aside, bumped once per run of
+        steps) but ~20x faster on step lines, which are nearly all of a long log: msgspec decodes each line
+        into a record of the few fields the loss history needs, and numpy folds a run of steps into the
+        buckets (`_fold_losses`); the rest of a step (total, epoch, lr, …) only matters for a run's last
+        lines, which are parsed in full. Other kinds go through `feed` one by one, and so does any line
+        msgspec refuses or might read otherwise than `json.loads` (NaN, a string loss, a float step, a
+        non-ASCII line): slower, never different.
+        """
+        import msgspec
+
+        lines = data.split(b"\n")
+        lines.pop()  # not a complete line
+        if not lines:
+            return 0
+        decode = _line_decoder().decode
+        fast = data.isascii()  # json.loads refuses bad UTF-8 anywhere in a line; msgspec may skip over it
+        if fast:
+            try:
+                recs: list[Any] = list(map(decode, lines))
+            except msgspec.DecodeError:
+                fast = False
+        if not fast:  # line by line: a record, or the line's event as `json.loads` reads it (None: skipped)
+
+            def record(line: bytes) -> Any:
+                if line.isascii():
+                    try:
+                        return decode(line)
+                    except msgspec.DecodeError:
+                        pass
+                return _parse(line)
+
+            recs = [record(line) for line in lines]
+        kinds = [r.kind for r in recs] if fast else [_kind(r) for r in recs]
+        used = 0
+        start = 0
+        if kinds.count("step") != len(kinds):
+            for i, kind in enumerate(kinds):
+                if kind != "step":
+                    used += self._fold_steps(recs[start:i], lines, start)
+                    rec = recs[i]
+                    event = rec if rec is None or isinstance(rec, dict) else _parse(lines[i])
+                    used += self.feed([event]) if event is not None else 0
+                    start = i + 1
+        used += self._fold_steps(recs[start:] if start else recs, lines, start)
+        return used
+
+    def _fold_steps(self, recs: list[Any], lines: list[bytes], first: int) -> int:
+        """Fold a run of consecutive step records as `_step` would one by one; `lines[first + i]` is the line
+        of `recs[i]`."""
+        import numpy as np
+
+        n = len(recs)
+        if not n:
+            return 0
+        losses = np.array([r.loss for r in recs], dtype=np.float64)  # None -> nan
+        avgs = np.array([r.loss_avg for r in recs], dtype=np.float64)
+        steps = [r.step for r in recs]
+        if None in steps:  # a step line without a step keeps the last one
+            current = self.step
+            for i, step in enumerate(steps):
+                if step is None:
+                    steps[i] = current
+                else:
+                    current = step
+        self.step = steps[-1]
+        loss_ok = np.isfinite(losses)
+        avg_ok = np.isfinite(avgs)
+        bucket_avgs = np.where(avg_ok, avgs, losses)  # a bucket keeps its last step's loss_avg, else its loss
+        if loss_ok.all():
+            self._fold_losses(losses, bucket_avgs, steps.__getitem__)
+        else:
+            where = np.flatnonzero(loss_ok)
+            self._fold_losses(losses[where], bucket_avgs[where], lambda j: steps[where[j]])
+        kept = losses[loss_ok]
+        if kept.size:
+            self.loss = float(kept[-1])
+            self.recent_loss.extend(kept[-(self.recent_loss.maxlen or 1) :].tolist())
+        if avg_ok.any():
+            self.loss_avg = float(avgs[np.flatnonzero(avg_ok)[-1]])
+        if self.end is None and self.state in ("queued", "starting"):
+            self.state = "running"
+        t = next((r.t for r in reversed(recs) if r.t is not None), None)
+        if t is not None:
+            self.last_t = t
+        # the fields a step overwrites come from the last line; those it only sets when usable, from the
+        # last line that has them: nearly always the last line too (a writer that never sends a usable lr,
+        # say, makes this parse every line of the run, as slow as `feed` but never wrong)
+        last = _parse(lines[first + n - 1]) or {}
+        self.it_s = _num(last.get("it_s"))
+        self.eta_s = _num(last.get("eta_s"))
+        total = epoch = lr = None
+        for i in range(n - 1, -1, -1):
+            e = last if i == n - 1 else _parse(lines[first + i]) or {}
+            total = total if total is not None else _total(e)
+            epoch = epoch if epoch is not None else _epoch(e)
+            lr = lr if lr is not None else _lr(e)
+            if total is not None and epoch is not None and lr is not None:
+                break
+        if total is not None:
+            self.total = total
+        if epoch is not None:
+            self.epoch = epoch
+        if lr is not None:
+            self.lr = lr
+        self.events_seen += n
+        self.version += 1
+        return n
+
+    def _fold_losses(
+        self, losses: npt.NDArray[np.float64], avgs: npt.NDArray[np.float64], step_at: Callable[[Any], int]
+    ) -> None:
+        """Add finite losses to the buckets exactly as `_step` does one at a time, float for float: a bucket's
+        sum is accumulated left to right (`cumsum`, never numpy's pairwise `sum`), from 0.0."""
+        import numpy as np
+
+        i, k = 0, len(losses)
+        while i < k:
+            stride = self.stride
+            if self._bucket_n or k - i < stride:  # go on filling the open bucket
+                j = min(k, i + stride - self._bucket_n)
+                self._bucket_sum = float(np.concatenate(([self._bucket_sum], losses[i:j])).cumsum()[-1])
+                self._bucket_n += j - i
+                self._bucket_step = step_at(j - 1)
+                self._bucket_avg = float(avgs[j - 1])
+                i = j
+                if self._bucket_n >= stride:
+                    self._points.append(
+                        LossPoint(self._bucket_step, self._bucket_sum / self._bucket_n, self._bucket_avg)
+                    )
+                    self._bucket_sum, self._bucket_n = 0.0, 0
+                    if len(self._points) >= self.max_points:
+                        self._halve()
+                continue
+            # whole buckets, up to the next halving; + 0.0 turns a sum of only -0.0s into 0.0, as `0.0 + x` does
+            count = min(self.max_points - len(self._points), (k - i) // stride)
+            end = i + count * stride
+            means = (losses[i:end].reshape(count, stride).cumsum(axis=1)[:, -1] + 0.0) / stride
+            ends = range(i + stride - 1, end, stride)
+            self._points.extend(
+                LossPoint(step_at(e), m, a)
+                for e, m, a in zip(ends, means.tolist(), avgs[i + stride - 1 : end : stride].tolist(), strict=True)
+            )
+            i = end
+            last = self._points[-1]
+            self._bucket_step, self._bucket_avg = last.step, last.loss_avg  # as `_step` leaves them
             if len(self._points) >= self.max_points:
                 self._halve()
 

@@ -225,7 +225,7 @@ def mark_lost(job: JobDir) -> bool:
         status = job.status()
         if status.get("state") not in ACTIVE:
             return False
-        end = next((e for e in reversed(job.events()) if e.get("kind") == "end"), None)
+        end = job.last_event("end")
         if end is not None:
             fields = {k: end.get(k) for k in ("exit_code", "signal", "error", "hint", "reason")}
             job.write_status(state=end["state"], ended=end.get("t", time.time()), **fields)
