@@ -193,17 +193,7 @@ class JobDir:
         Retries for `wait_s`: a view probing liveness (`supervisor_alive`) holds the lock for a few
         microseconds, and that must not read as "another supervisor". Closing the fd releases it.
         """
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    return None
-                time.sleep(0.05)
+        return flock_file(self.lock_path, wait_s)
 
     def effective_state(self) -> str:
         """The state a view should show: an active job whose supervisor is gone is `lost`."""
@@ -214,6 +204,22 @@ class JobDir:
             if state in ACTIVE:
                 return "lost"
         return state
+
+
+def flock_file(path: Path, wait_s: float = 0.0) -> int | None:
+    """An exclusive flock on `path` (created if missing): its fd, or None if another process holds it
+    after `wait_s` of retries. Closing the fd (or dying) releases it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.05)
 
 
 def _one(line: bytes) -> dict[str, Any] | None:

@@ -14,7 +14,6 @@ too. CPU jobs (downloads) run beside them, up to `Settings.queue_cpu_jobs` at on
 
 from __future__ import annotations
 
-import fcntl
 import os
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 
 from nyx_tui import paths
 from nyx_tui.jobs.events import EventWriter
-from nyx_tui.jobs.jobdir import ACTIVE, TERMINAL, JobDir, list_jobs
+from nyx_tui.jobs.jobdir import ACTIVE, TERMINAL, JobDir, flock_file, list_jobs
 from nyx_tui.jobs.launch import spawn_supervisor, supervisor_env, wait_started
 from nyx_tui.jobs.queue import Queue, resource_of
 
@@ -45,17 +44,7 @@ def log_path() -> Path:
 def _lock(wait_s: float = 0.0) -> int | None:
     path = lock_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                return None
-            time.sleep(0.05)
+    return flock_file(path, wait_s)
 
 
 def scheduler_running() -> bool:
