@@ -173,12 +173,112 @@ def build_tiny_sd15(model_dir: Path | str, *, seed: int = MODEL_SEED) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    return _save_pipeline(pipe, model_dir)
+
+
+def _save_pipeline(pipe: Any, model_dir: Path) -> Path:
+    """Save a pipeline to a temp folder beside `model_dir`, then rename it into place (never half a model)."""
     tmp = model_dir.with_name(f".{model_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     shutil.rmtree(model_dir, ignore_errors=True)
     tmp.rename(model_dir)
     return model_dir
+
+
+def _tiny_clip_config(tokenizer: Any, hidden_act: str) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TOKEN_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=32,
+        hidden_act=hidden_act,
+    )
+
+
+def build_tiny_sdxl(model_dir: Path | str, *, seed: int = MODEL_SEED) -> Path:
+    """Write a tiny random-weight SDXL-architecture pipeline in diffusers format to `model_dir`.
+
+    The real SDXL layout at toy width: three UNet levels (DownBlock2D, then two cross-attention levels;
+    mirrored on the way up, the last without an upsampler), two layers a level, a deeper transformer at the
+    lowest level, linear projections, size/crop conditioning (`addition_embed_type = "text_time"`: six time
+    ids of 8 features each plus the 32-wide pooled text embedding), and two text encoders — a CLIP-L-shaped
+    one (quick_gelu) and an OpenCLIP-shaped one with a projection (gelu), whose penultimate hidden states
+    are concatenated into the 64-wide cross-attention input. The second tokenizer pads with "!" as SDXL's
+    does. The layout matters beyond realism: sd-scripts' SGM names of the LoRA modules
+    (`input_blocks_4_1_…`) count layers per level, so a file written for this model names its modules as
+    one for the real SDXL does. Deterministic for a seed; written like `build_tiny_sd15`. Returns the folder.
+    """
+    import torch
+    import transformers
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    model_dir = Path(model_dir)
+    tokenizer = _tokenizer()
+    vocab, merges = _byte_vocab()
+    tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TOKEN_MAX_LENGTH, pad_token="!")  # type: ignore[arg-type]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        cross_attention_dim=64,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        norm_num_groups=32,
+    )
+    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer, "quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer_2, "gelu"))
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.13025,  # SDXL's VAE
+    )
+    # SDXL ships an Euler scheduler with the DDPM betas; training reads only its betas and prediction type
+    scheduler = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    parts: list[Any] = [unet, text_encoder, text_encoder_2, vae]
+    for module in parts:
+        module.eval()
+    pipe: Any = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
+    return _save_pipeline(pipe, model_dir)
 
 
 # ------------------------------------------------------------------------------------------ the dataset
@@ -245,8 +345,12 @@ def ensure_demo_assets(workspace: Path | str) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m nyx_tui.demo_assets WORKSPACE", file=sys.stderr)
+    usage = "usage: python -m nyx_tui.demo_assets WORKSPACE  (builds the tiny demo model and images there)"
+    if len(args) == 1 and args[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    if len(args) != 1 or args[0].startswith("-"):
+        print(usage, file=sys.stderr)
         return 2
     print(json.dumps(ensure_demo_assets(args[0])), flush=True)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -38,3 +39,21 @@ def wait_for(predicate: Callable[[], object], timeout: float = 120, interval: fl
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s: {getattr(predicate, '__name__', predicate)}")
+
+
+@pytest.fixture(scope="session")
+def demo_assets_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny demo model and the shapes dataset, built once per session in a subprocess (as `nyx demo` does).
+    Tests use copies (`assets`), so one that edits an image or a caption cannot change another's data."""
+    ws = tmp_path_factory.mktemp("demo-master")
+    proc = subprocess.run([sys.executable, "-m", "nyx_tui.demo_assets", str(ws)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ws
+
+
+@pytest.fixture(scope="module")
+def assets(demo_assets_master: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A private copy of the demo workspace for one test module: ws, model, dataset."""
+    ws = tmp_path_factory.mktemp("ws")
+    shutil.copytree(demo_assets_master, ws, dirs_exist_ok=True)
+    return {"ws": ws, "model": ws / "model", "dataset": ws / "dataset"}

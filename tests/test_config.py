@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from nyx_tui.config.check import check_file, preflight
 from nyx_tui.config.docs import parameters_markdown
 from nyx_tui.config.errors import ConfigError, Problem
-from nyx_tui.config.fields import iter_params
+from nyx_tui.config.fields import Family, iter_params
 from nyx_tui.config.io import all_params, dumps_config, load_config, parse_config, save_config
-from nyx_tui.config.model import SubsetConfig, TrainingConfig
+from nyx_tui.config.model import BLOCK_FIELDS, UNET_BLOCK_COUNTS, SubsetConfig, TrainingConfig
 from nyx_tui.config.presets import list_presets, load_preset, preset_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -476,6 +476,7 @@ def _leaf_strategy(annotation: Any, metadata: list[Any]) -> st.SearchStrategy[An
 
 _OVERRIDES: dict[str, st.SearchStrategy[Any]] = {
     "dataset.resolution": st.integers(8, 512).map(lambda n: n * 8),
+    "dataset.max_token_length": st.sampled_from([75, 150, 225]),
     "dataset.caption_extension": _plain_text.map(lambda s: "." + s.replace("/", "") + "x"),
     "dataset.subsets[].caption_extension": st.none() | st.just(".caption"),
     "saving.output_name": st.text(alphabet=string.ascii_letters + "-_ ", min_size=1, max_size=20).filter(
@@ -485,6 +486,12 @@ _OVERRIDES: dict[str, st.SearchStrategy[Any]] = {
         st.sampled_from(["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"]), min_size=1
     ),
     "network.train_unet": st.just(True),
+    # block-wise lists: 25 numbers here, cut to the family's count (or dropped) by _with_valid_blocks
+    "network.block_dims": st.none() | st.lists(st.integers(0, 64), min_size=25, max_size=25),
+    "network.conv_block_dims": st.none() | st.lists(st.integers(0, 64), min_size=25, max_size=25),
+    "network.block_alphas": st.none() | st.lists(st.floats(0.125, 64), min_size=25, max_size=25),
+    "network.conv_block_alphas": st.none() | st.lists(st.floats(0.125, 64), min_size=25, max_size=25),
+    "network.block_lr_weights": st.none() | st.lists(st.floats(0, 4), min_size=25, max_size=25),
 }
 
 
@@ -505,9 +512,29 @@ def _section_strategy(model: type[Any], prefix: str) -> st.SearchStrategy[dict[s
 
 
 def _with_valid_warmup(data: dict[str, Any]) -> dict[str, Any]:
-    steps = data.get("training", {}).get("max_steps", 1000)
+    training = data.setdefault("training", {})
+    if training.get("max_epochs"):  # exactly one of max_steps / max_epochs decides
+        training["max_steps"] = 0
+    elif not training.get("max_steps", 1000):
+        training["max_steps"] = 1
+    if training.get("validate_every_n_steps"):  # validation needs held-out images
+        data.setdefault("dataset", {})["validation_split"] = 0.1
+    steps = training.get("max_steps", 1000) or 1000
     scheduler = data.setdefault("scheduler", {})
     scheduler["warmup_steps"] = scheduler.get("warmup_steps", 0) % steps
+    return data
+
+
+def _with_valid_blocks(data: dict[str, Any]) -> dict[str, Any]:
+    """Block-wise lists have one number per UNet block of the family and none for the others."""
+    count = UNET_BLOCK_COUNTS.get(Family(data.get("model", {}).get("family", "sd15")))
+    network = data.get("network", {})
+    for name in BLOCK_FIELDS:
+        if network.get(name) is not None:
+            if count is None:
+                del network[name]
+            else:
+                network[name] = network[name][:count]
     return data
 
 
@@ -520,6 +547,7 @@ _valid_configs = (
         },
     )
     .map(_with_valid_warmup)
+    .map(_with_valid_blocks)
     .map(TrainingConfig.model_validate)
 )
 

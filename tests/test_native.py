@@ -30,16 +30,6 @@ DIM, ALPHA = 8, 2.0  # alpha != dim: catches the converter's alpha = rank trap
 # ----------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The tiny model and the shapes dataset, built once for the module (in a subprocess, like the demo)."""
-    ws = tmp_path_factory.mktemp("ws")
-    proc = subprocess.run([sys.executable, "-m", "nyx_tui.demo_assets", str(ws)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    answer = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"ws": ws, "model": Path(answer["model"]), "dataset": Path(answer["dataset"])}
-
-
 def make_config(assets: dict[str, Path], **sections: dict[str, Any]) -> TrainingConfig:
     """The demo preset pointed at the built assets, with `sections` merged over it."""
     data = tomllib.loads(PRESET.read_text())
@@ -446,14 +436,14 @@ def test_epoch_batches_are_a_seeded_permutation() -> None:
 
     from nyx_tui.trainers.native.data import EpochBatches
 
-    def order(seed: int) -> list[list[tuple[int, int]]]:
+    def order(seed: int) -> list[list[tuple[int, int, int]]]:
         return list(EpochBatches(10, 3, torch.Generator().manual_seed(seed)))
 
     first = order(1)
     assert first == order(1) and first != order(2)
-    assert len(first) == 3 and all(len(b) == 3 for b in first)  # the short last batch is dropped
-    indices = [i for b in first for i, _ in b]
-    assert len(set(indices)) == 9
+    assert sorted(len(b) for b in first) == [1, 3, 3, 3]  # as sd-scripts: the short last batch is kept
+    indices = [i for b in first for i, _, _ in b]
+    assert sorted(indices) == list(range(10))
 
 
 def test_demo_assets_are_idempotent(assets: dict[str, Path]) -> None:

@@ -333,16 +333,6 @@ def test_a_killed_supervisor_ends_a_running_attach_as_lost(nyx_home: Path, clean
 # ------------------------------------------------------------------- stop and save_now in real training
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The tiny demo model and dataset (as in test_native)."""
-    ws = tmp_path_factory.mktemp("ws")
-    proc = subprocess.run([sys.executable, "-m", "nyx_tui.demo_assets", str(ws)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    answer = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"ws": ws, "model": Path(answer["model"]), "dataset": Path(answer["dataset"])}
-
-
 # Loads a training state the way a resume will: the same model, adapter, optimizer and schedule,
 # registered in the engine's order, then `load_state(strict=False)` (the state holds only the LoRA).
 LOAD_STATE = """

@@ -137,7 +137,7 @@ async def test_filter_and_advanced_toggle() -> None:
         assert app.focused is screen.query_one("#filter")
         await pilot.press(*"learning_rate")
         await pilot.pause()
-        assert form.visible_paths() == ["optimizer.learning_rate"]
+        assert form.visible_paths() == ["network.text_encoder_lr", "optimizer.learning_rate"]  # key or help text
         screen.query_one("#filter", Input).value = "network.d"  # by dotted key
         await pilot.pause()
         assert set(form.visible_paths()) == {"network.dim", "network.dropout"}
@@ -168,6 +168,25 @@ async def test_family_hides_params() -> None:
         family.value = "sd15"
         await pilot.pause()
         assert not set(flux_only) & set(form.visible_paths())
+
+
+@sync
+async def test_resolution_follows_the_family_unless_typed() -> None:
+    app = Host()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await settle(pilot)
+        form = screen_of(app).form
+        family = form.row("model.family").editor
+        assert isinstance(family, Select)
+        assert form.row("dataset.resolution").get_value() == 512
+        family.value = "sdxl"
+        await pilot.pause()
+        assert form.row("dataset.resolution").get_value() == 1024
+        assert form.data()["dataset"]["resolution"] == 1024
+        await set_input(app, "dataset.resolution", "768")
+        family.value = "sd15"
+        await pilot.pause()
+        assert form.row("dataset.resolution").get_value() == 768  # typed by the user: kept
 
 
 @sync
@@ -225,13 +244,13 @@ async def test_subsets_add_edit_remove() -> None:
         await set_input(app, "dataset.subsets[].caption_extension", ".cap", 1)
         subsets = screen.form.data()["dataset"]["subsets"]
         assert subsets == [
-            {"image_dir": "/data/a", "num_repeats": 3},
-            {"image_dir": "/data/b", "num_repeats": 1, "caption_extension": ".cap"},
+            {"image_dir": "/data/a", "num_repeats": 3, "is_reg": False},
+            {"image_dir": "/data/b", "is_reg": False, "caption_extension": ".cap"},  # repeats: from the name
         ]
         screen.form.query_one("#remove-subset-0", Button).press()
         await settle(pilot)
         assert screen.form.data()["dataset"]["subsets"] == [
-            {"image_dir": "/data/b", "num_repeats": 1, "caption_extension": ".cap"}
+            {"image_dir": "/data/b", "is_reg": False, "caption_extension": ".cap"}
         ]
         assert screen.config is not None and screen.config.dataset.subsets[0].image_dir == "/data/b"
 

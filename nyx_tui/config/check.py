@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nyx_tui.config.errors import ConfigError, Problem, has_errors
-from nyx_tui.config.io import load_config, looks_like_repo_id
+from nyx_tui.config.io import load_config, looks_like_repo_id, toml_value
 from nyx_tui.config.model import TrainingConfig
+from nyx_tui.families import Kind, called, defaults, describe, detect, vae_families
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 CHECKPOINT_EXTENSIONS: frozenset[str] = frozenset({".safetensors", ".ckpt"})
@@ -72,7 +73,7 @@ def _list_dir(folder: Path) -> list[Path] | str:
 
 def _check_subsets(cfg: TrainingConfig) -> list[Problem]:
     out: list[Problem] = []
-    if not cfg.dataset.subsets:
+    if not cfg.dataset.subsets and not cfg.dataset.train_data_dir:
         return [
             Problem(
                 "dataset.subsets",
@@ -114,7 +115,7 @@ def _check_subsets(cfg: TrainingConfig) -> list[Problem]:
         ext = subset.caption_extension or cfg.dataset.caption_extension
         names = {f.name for f in files}
         missing = [img for img in images if img.stem + ext not in names]
-        if missing:
+        if missing and not subset.class_tokens:  # with class_tokens an uncaptioned image is captioned by them
             example = missing[0].stem + ext
             out.append(
                 Problem(
@@ -175,6 +176,59 @@ def _check_model_source(key: str, value: str, *, required: bool) -> list[Problem
     ]
 
 
+def _check_families(cfg: TrainingConfig, *, pretrained: bool, vae: bool) -> list[Problem]:
+    """The base model, and the VAE when one is set, are of `model.family`, as far as their files tell (read
+    by `families.detect`: configs and headers only). A repo id not in the local cache, a pickle checkpoint or
+    a file that tells nothing passes without a word: the loader checks those."""
+    out: list[Problem] = []
+    family = cfg.model.family
+    model = detect(cfg.model.pretrained) if pretrained else None
+    if model is not None and model.kind in (Kind.LORA, Kind.VAE, Kind.TEXT_ENCODER):
+        out.append(
+            Problem(
+                "model.pretrained",
+                f"is a {model.kind} ({model.reason}), not a whole base model",
+                "point model.pretrained at the base model (a diffusers folder, a .safetensors checkpoint or a "
+                "Hugging Face repo id)" + ("; a VAE goes in model.vae" if model.kind is Kind.VAE else ""),
+            )
+        )
+        model = None
+    elif model is not None and not model.fits(family):
+        out.append(
+            Problem(
+                "model.family",
+                f"model.pretrained is {called(model.families)} model ({model.reason}) but model.family is "
+                f"{family.value}",
+                f"set model.family = {' or '.join(toml_value(f) for f in model.families)}, or point "
+                f"model.pretrained at {defaults(family).called} model",
+            )
+        )
+    # the VAE must fit the model: the family its files told when they did, else the configured one
+    target = model.family if model is not None and model.family is not None else family
+    found = detect(cfg.model.vae) if vae and cfg.model.vae else None
+    if found is not None and found.kind in (Kind.LORA, Kind.TEXT_ENCODER):
+        out.append(
+            Problem(
+                "model.vae",
+                f"is a {found.kind} ({found.reason}), not a VAE",
+                "point model.vae at a VAE (a folder or a .safetensors file), or remove it to use the model's own",
+            )
+        )
+    elif found is not None and found.known:
+        # a whole model given as the VAE brings its family's VAE, which some families share (SD1.5 and SD2)
+        fits = found.families if found.kind is Kind.VAE else {v for f in found.families for v in vae_families(f)}
+        if target not in fits:
+            what = "this VAE" if found.kind is Kind.VAE else f"the VAE of this {found.kind}"
+            out.append(
+                Problem(
+                    "model.vae",
+                    f"{what} is for {describe(found.families)} ({found.reason}), the model is {defaults(target).name}",
+                    f"use {defaults(target).called} VAE, or remove model.vae to use the model's own",
+                )
+            )
+    return out
+
+
 def _check_output(cfg: TrainingConfig) -> list[Problem]:
     out: list[Problem] = []
     if cfg.saving.output_dir:
@@ -203,10 +257,21 @@ def _check_output(cfg: TrainingConfig) -> list[Problem]:
 def preflight(cfg: TrainingConfig) -> list[Problem]:
     """Every filesystem problem with this config, errors and warnings, in config order. Loads no model."""
     problems: list[Problem] = []
-    problems += _check_model_source("model.pretrained", cfg.model.pretrained, required=True)
-    problems += _check_model_source("model.vae", cfg.model.vae or "", required=False)
+    model = _check_model_source("model.pretrained", cfg.model.pretrained, required=True)
+    vae = _check_model_source("model.vae", cfg.model.vae or "", required=False)
+    problems += model + vae
+    problems += _check_families(cfg, pretrained=not model, vae=not vae)
     problems += _check_subsets(cfg)
+    from nyx_tui.trainers.native.data_check import data_problems  # torch-free; here to keep config's imports light
+
+    problems += data_problems(cfg)
+    from nyx_tui.trainers.native.loss_check import loss_problems  # torch-free, like data_check
+
+    problems += loss_problems(cfg)
     problems += _check_output(cfg)
+    from nyx_tui.config.prompts import prompt_problems
+
+    problems += prompt_problems(cfg)
     return problems
 
 
@@ -235,7 +300,9 @@ def check_config(cfg: TrainingConfig) -> list[Problem]:
         problems = preflight(cfg)
     except Exception as e:
         problems = [Problem("config", f"the pre-flight check failed ({type(e).__name__}: {e})", "report this as a bug")]
-    return problems + _backend_problems(cfg)
+    from nyx_tui.trainers.native.optim import optimizer_problems  # torch-free; here to keep config's imports light
+
+    return problems + optimizer_problems(cfg) + _backend_problems(cfg)
 
 
 def check_file(path: Path) -> CheckResult:

@@ -29,7 +29,7 @@ from nyx_tui.config.fields import Param, iter_params, meta_of
 from nyx_tui.config.model import TrainingConfig
 
 # Path fields whose value may also be a Hugging Face repo id (`owner/name`), kept as written.
-REPO_ID_FIELDS: frozenset[str] = frozenset({"model.pretrained", "model.vae"})
+REPO_ID_FIELDS: frozenset[str] = frozenset({"model.pretrained", "model.vae", "model.single_file_config"})
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from nyx_tui.config.fields import FLOW_FAMILIES, UNET_FAMILIES, Family, param
+from nyx_tui.families import FAMILY_DEFAULTS, native_resolutions
 
 ScalarArg = bool | int | float | str
 
@@ -38,10 +39,12 @@ class OptimizerKind(StrEnum):
     ADAMW = "adamw"
     ADAMW8BIT = "adamw8bit"
     LION = "lion"
+    LION8BIT = "lion8bit"
     PRODIGY = "prodigy"
     CAME = "came"
     ADAFACTOR = "adafactor"
     ADAMW_SCHEDULEFREE = "adamw_schedulefree"
+    CUSTOM = "custom"  # optimizer.class_path names the class, like sd-scripts' dotted optimizer_type
 
 
 class SchedulerKind(StrEnum):
@@ -51,6 +54,7 @@ class SchedulerKind(StrEnum):
     COSINE = "cosine"
     COSINE_WITH_RESTARTS = "cosine_with_restarts"
     POLYNOMIAL = "polynomial"
+    REX = "rex"
 
 
 class MixedPrecision(StrEnum):
@@ -73,6 +77,40 @@ class TimestepSampling(StrEnum):
     FLUX_SHIFT = "flux_shift"
 
 
+class LossType(StrEnum):
+    L2 = "l2"
+    L1 = "l1"
+    HUBER = "huber"
+    SMOOTH_L1 = "smooth_l1"
+
+
+class HuberSchedule(StrEnum):
+    CONSTANT = "constant"
+    EXPONENTIAL = "exponential"
+    SNR = "snr"
+
+
+class Sampler(StrEnum):
+    """sd-scripts' sample_sampler names; `k_` names are aliases of the plain ones."""
+
+    DDIM = "ddim"
+    PNDM = "pndm"
+    LMS = "lms"
+    EULER = "euler"
+    EULER_A = "euler_a"
+    HEUN = "heun"
+    DPM_2 = "dpm_2"
+    DPM_2_A = "dpm_2_a"
+    DPMSOLVER = "dpmsolver"
+    DPMSOLVER_PP = "dpmsolver++"
+    DPMSINGLE = "dpmsingle"
+    K_LMS = "k_lms"
+    K_EULER = "k_euler"
+    K_EULER_A = "k_euler_a"
+    K_DPM_2 = "k_dpm_2"
+    K_DPM_2_A = "k_dpm_2_a"
+
+
 class BackendKind(StrEnum):
     NATIVE = "native"
     KOHYA = "kohya"
@@ -85,7 +123,8 @@ class BackendKind(StrEnum):
 class ModelSection(_Section):
     family: Family = param(
         Family.SD15,
-        description="Model family of the base model: sd15, sd2, sdxl, flux or sd3.",
+        description="Model family of the base model: sd15, sd2, sdxl, flux or sd3. A dataset.resolution left out "
+        f"follows it: {native_resolutions()}.",
         group="model",
     )
     pretrained: str = param(
@@ -104,6 +143,20 @@ class ModelSection(_Section):
         kohya="vae",
         path=True,
     )
+    single_file_config: str | None = param(
+        None,
+        description="For a single-file checkpoint in model.pretrained: a diffusers folder or Hugging Face repo id "
+        "of the same family whose configs and tokenizers describe it (only its JSON and text files are read). "
+        "Empty: the family's reference model in the local Hugging Face cache (stable-diffusion-v1-5/"
+        "stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1 (v-prediction), stabilityai/stable-diffusion-xl-"
+        "base-1.0; `hf download REPO --include '*.json' '*.txt'` fetches them). An SD2 epsilon (512 px) checkpoint "
+        "needs stabilityai/stable-diffusion-2-1-base here.",
+        group="model",
+        advanced=True,
+        families=UNET_FAMILIES,
+        path=True,
+        example="stabilityai/stable-diffusion-xl-base-1.0",
+    )
 
 
 class SubsetConfig(_Section):
@@ -114,9 +167,10 @@ class SubsetConfig(_Section):
         path=True,
         example="./images",
     )
-    num_repeats: int = param(
-        1,
-        description="How many times each image of this folder is seen per epoch.",
+    num_repeats: int | None = param(
+        None,
+        description="How many times each image of this folder is seen per epoch; empty: the count in a "
+        "kohya-style folder name (`10_mychar` → 10), else 1.",
         group="dataset",
         kohya="num_repeats",
         unit="×",
@@ -128,6 +182,21 @@ class SubsetConfig(_Section):
         group="dataset",
         advanced=True,
         kohya="caption_extension",
+    )
+    is_reg: bool = param(
+        False,
+        description="Regularization images (pictures of the class, not the subject): their loss is weighted by "
+        "training.prior_loss_weight, and they are repeated to as many as the training images (with repeats).",
+        group="dataset",
+        advanced=True,
+        kohya="is_reg",
+    )
+    class_tokens: str | None = param(
+        None,
+        description="The caption of this folder's images that have no caption file (e.g. \"mychar woman\").",
+        group="dataset",
+        advanced=True,
+        kohya="class_tokens",
     )
 
     @field_validator("caption_extension")
@@ -145,15 +214,78 @@ class DatasetSection(_Section):
         group="dataset",
         kohya="subsets",
     )
+    train_data_dir: str | None = param(
+        None,
+        description="A folder of kohya-style `N_name` folders (e.g. `10_mychar`): each is a subset trained N "
+        "times an epoch, `name` captioning its images that have no caption file. Adds to dataset.subsets.",
+        group="dataset",
+        kohya="train_data_dir",
+        path=True,
+        example="./train",
+    )
+    reg_data_dir: str | None = param(
+        None,
+        description="A folder of `N_name` folders of regularization images (like train_data_dir, with is_reg).",
+        group="dataset",
+        advanced=True,
+        kohya="reg_data_dir",
+        path=True,
+    )
     resolution: int = param(
         512,
-        description="Training resolution: images are resized and cropped to this square size.",
+        description="Training resolution: images are resized and cropped to this square size (with "
+        "enable_bucket: to about this many pixels in area).",
         group="dataset",
         kohya="resolution",
         unit="px",
         ge=64,
         le=4096,
         example="512",
+    )
+    enable_bucket: bool = param(
+        False,
+        description="Aspect-ratio bucketing: each image trains at the bucket size closest to its aspect ratio "
+        "(area at most resolution²) instead of a centre square; a batch holds one bucket's images.",
+        group="dataset",
+        kohya="enable_bucket",
+    )
+    min_bucket_reso: int = param(
+        256,
+        description="Smallest bucket side.",
+        group="dataset",
+        advanced=True,
+        kohya="min_bucket_reso",
+        unit="px",
+        ge=16,
+        le=8192,
+    )
+    max_bucket_reso: int = param(
+        1024,
+        description="Largest bucket side.",
+        group="dataset",
+        advanced=True,
+        kohya="max_bucket_reso",
+        unit="px",
+        ge=64,
+        le=8192,
+    )
+    bucket_reso_steps: int = param(
+        64,
+        description="Bucket sides are multiples of this (64 for SD1.5/SD2, 32 or 64 for SDXL).",
+        group="dataset",
+        advanced=True,
+        kohya="bucket_reso_steps",
+        unit="px",
+        ge=8,
+        le=1024,
+    )
+    bucket_no_upscale: bool = param(
+        False,
+        description="Never enlarge an image: a smaller one trains at its own size (rounded down to "
+        "bucket_reso_steps); min/max_bucket_reso are then ignored.",
+        group="dataset",
+        advanced=True,
+        kohya="bucket_no_upscale",
     )
     caption_extension: str = param(
         ".txt",
@@ -174,11 +306,55 @@ class DatasetSection(_Section):
         kohya="keep_tokens",
         ge=0,
     )
+    max_token_length: int = param(
+        75,
+        description="CLIP tokens of a caption the text encoders see: 75, or 150/225 for long captions (encoded "
+        "as 75-token windows, as sd-scripts does); tokens beyond are cut off.",
+        group="dataset",
+        advanced=True,
+        kohya="max_token_length",
+        unit="tokens",
+        example="150",
+    )
+    caption_dropout_rate: float = param(
+        0.0,
+        description="Chance that an image trains with an empty caption (helps the LoRA work without its tags).",
+        group="dataset",
+        advanced=True,
+        kohya="caption_dropout_rate",
+        ge=0.0,
+        le=1.0,
+    )
+    caption_tag_dropout_rate: float = param(
+        0.0,
+        description="Chance that each tag (after keep_tokens) is left out of the caption.",
+        group="dataset",
+        advanced=True,
+        kohya="caption_tag_dropout_rate",
+        ge=0.0,
+        le=1.0,
+    )
+    caption_dropout_every_n_epochs: int = param(
+        0,
+        description="Train every N-th epoch with empty captions (0: never).",
+        group="dataset",
+        advanced=True,
+        kohya="caption_dropout_every_n_epochs",
+        unit="epochs",
+        ge=0,
+    )
     flip_aug: bool = param(
         False,
         description="Randomly mirror images left-right (not for asymmetric subjects or text).",
         group="dataset",
         kohya="flip_aug",
+    )
+    color_aug: bool = param(
+        False,
+        description="Small random hue (±16°) and saturation (±10%) shifts of each image (not with cached latents).",
+        group="dataset",
+        advanced=True,
+        kohya="color_aug",
     )
     random_crop: bool = param(
         False,
@@ -196,6 +372,16 @@ class DatasetSection(_Section):
         ge=0,
         le=64,
     )
+    validation_split: float = param(
+        0.0,
+        description="Fraction of the images held out of training (chosen by training.seed) to compute a "
+        "validation loss on (0: none).",
+        group="dataset",
+        kohya="validation_split",
+        ge=0.0,
+        le=0.5,
+        example="0.1",
+    )
 
     @field_validator("resolution")
     @classmethod
@@ -204,12 +390,25 @@ class DatasetSection(_Section):
             raise ValueError(f"must be a multiple of 8 (the VAE downsamples by 8); try {max(64, v - v % 8)}")
         return v
 
+    @field_validator("max_token_length")
+    @classmethod
+    def _token_windows(cls, v: int) -> int:
+        if v not in (75, 150, 225):
+            raise ValueError("must be 75, 150 or 225 (one, two or three 75-token windows)")
+        return v
+
     @field_validator("caption_extension")
     @classmethod
     def _dot(cls, v: str) -> str:
         if not v.startswith(".") or len(v) < 2 or "/" in v:
             raise ValueError('must be a file extension starting with a dot, such as ".txt" or ".caption"')
         return v
+
+
+# UNet blocks in sd-scripts' block-wise numbering (networks/lora.py): sd15/sd2 12 in + mid + 12 out;
+# sdxl 1 (time/label embedding) + 9 in + 3 mid + 9 out + 1 (out).
+UNET_BLOCK_COUNTS: dict[Family, int] = {Family.SD15: 25, Family.SD2: 25, Family.SDXL: 23}
+BLOCK_FIELDS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "block_lr_weights")
 
 
 class NetworkSection(_Section):
@@ -239,7 +438,7 @@ class NetworkSection(_Section):
     )
     dropout: float = param(
         0.0,
-        description="Dropout on the adapter's input during training.",
+        description="Dropout in the adapter during training (lora/dora: on its input; locon/loha/lokr: on its output).",
         group="network",
         advanced=True,
         kohya="network_dropout",
@@ -263,6 +462,133 @@ class NetworkSection(_Section):
         description="Also train adapters on the text encoder(s) (sd-scripts: not network_train_unet_only).",
         group="network",
     )
+    text_encoder_lr: float | None = param(
+        None,
+        description="Learning rate of the text-encoder adapters (empty: optimizer.learning_rate).",
+        group="network",
+        advanced=True,
+        kohya="text_encoder_lr",
+        gt=0,
+        le=10.0,
+        example="5e-5",
+    )
+    conv_dim: int | None = param(
+        None,
+        description="Rank of the adapters on 3x3 convolutions (ResNet and up/down-sampling layers); "
+        "empty: dim for locon/loha/lokr, none for lora/dora; 0: no convolutions.",
+        group="network",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="network_args.conv_dim",
+        unit="rank",
+        ge=0,
+        le=1024,
+        example="8",
+    )
+    conv_alpha: float | None = param(
+        None,
+        description="Alpha of the convolution adapters (empty: alpha).",
+        group="network",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="network_args.conv_alpha",
+        gt=0,
+        example="4",
+    )
+    rank_dropout: float = param(
+        0.0,
+        description="Drop this fraction of each adapter's ranks at every step (locon, loha, lokr).",
+        group="network",
+        advanced=True,
+        kohya="network_args.rank_dropout",
+        ge=0.0,
+        lt=1.0,
+    )
+    module_dropout: float = param(
+        0.0,
+        description="Skip each adapter module entirely with this probability at every step (locon, loha, lokr).",
+        group="network",
+        advanced=True,
+        kohya="network_args.module_dropout",
+        ge=0.0,
+        lt=1.0,
+    )
+    lokr_factor: int | None = param(
+        None,
+        description="LoKr: split each weight's sides by this factor for the Kronecker product (empty: as square "
+        "as possible; larger: smaller file).",
+        group="network",
+        advanced=True,
+        kohya="network_args.factor",
+        ge=1,
+        example="8",
+    )
+    block_dims: list[int] | None = param(
+        None,
+        description="Rank per UNet block in sd-scripts' order (sd15/sd2: 25 numbers, 12 in, mid, 12 out; "
+        "sdxl: 23); 0 leaves a block out. Empty: dim everywhere.",
+        group="network",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="network_args.block_dims",
+        unit="ranks",
+    )
+    block_alphas: list[float] | None = param(
+        None,
+        description="Alpha per UNet block, in the order of block_dims (empty: alpha everywhere).",
+        group="network",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="network_args.block_alphas",
+    )
+    conv_block_dims: list[int] | None = param(
+        None,
+        description="Rank of the 3x3 convolution adapters per UNet block, in the order of block_dims; "
+        "0 leaves a block's convolutions out (empty: conv_dim everywhere).",
+        group="network",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="network_args.conv_block_dims",
+        unit="ranks",
+    )
+    conv_block_alphas: list[float] | None = param(
+        None,
+        description="Alpha of the convolution adapters per UNet block (empty: conv_alpha everywhere).",
+        group="network",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="network_args.conv_block_alphas",
+    )
+    block_lr_weights: list[float] | None = param(
+        None,
+        description="Learning-rate multiplier per UNet block, in the order of block_dims (sd-scripts' "
+        "down_lr_weight + mid_lr_weight + up_lr_weight); 0 leaves a block out.",
+        group="network",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="network_args.down_lr_weight/mid_lr_weight/up_lr_weight",
+    )
+
+    @field_validator("block_dims", "conv_block_dims")
+    @classmethod
+    def _block_ranks(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(not 0 <= d <= 1024 for d in v):
+            raise ValueError("every rank must be between 0 (leave the block out) and 1024")
+        return v
+
+    @field_validator("block_alphas", "conv_block_alphas")
+    @classmethod
+    def _block_alphas(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(not a > 0 for a in v):
+            raise ValueError("every alpha must be above 0")
+        return v
+
+    @field_validator("block_lr_weights")
+    @classmethod
+    def _block_lr_weights(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(not 0 <= w <= 100 for w in v):
+            raise ValueError("every learning-rate weight must be between 0 (leave the block out) and 100")
+        return v
 
     @field_validator("target_modules")
     @classmethod
@@ -275,13 +601,24 @@ class NetworkSection(_Section):
 class OptimizerSection(_Section):
     type: OptimizerKind = param(
         OptimizerKind.ADAMW,
-        description="Optimizer.",
+        description="Optimizer: adamw; adamw8bit and lion8bit (8-bit state, bitsandbytes); lion; prodigy (finds its "
+        "own step size: a learning rate of about 1.0); came; adafactor; adamw_schedulefree (needs a constant "
+        "schedule); custom (optimizer.class_path).",
         group="optimizer",
         kohya="optimizer_type",
     )
+    class_path: str | None = param(
+        None,
+        description="With type = custom: the optimizer class as a dotted path, like sd-scripts' optimizer_type; it "
+        "gets the learning rate and optimizer.args only.",
+        group="optimizer",
+        advanced=True,
+        kohya="optimizer_type",
+        example="pytorch_optimizer.CAME",
+    )
     learning_rate: float = param(
         1e-4,
-        description="Learning rate of the adapter weights.",
+        description="Learning rate of the adapter weights (Prodigy: a multiplier of its own estimate, usually 1.0).",
         group="optimizer",
         kohya="learning_rate",
         gt=0,
@@ -290,7 +627,8 @@ class OptimizerSection(_Section):
     )
     weight_decay: float = param(
         0.01,
-        description="Decoupled weight decay.",
+        description="Weight decay (decoupled in the AdamW family, Lion and Prodigy); custom optimizers take it "
+        "only through optimizer.args.",
         group="optimizer",
         advanced=True,
         ge=0.0,
@@ -298,20 +636,23 @@ class OptimizerSection(_Section):
     )
     betas: tuple[float, float] = param(
         (0.9, 0.999),
-        description="Adam's (beta1, beta2).",
+        description="(beta1, beta2) of adamw, adamw8bit, prodigy and adamw_schedulefree; lion and lion8bit take "
+        "them only when changed from this default (their own is 0.9, 0.99).",
         group="optimizer",
         advanced=True,
     )
     eps: float = param(
         1e-8,
-        description="Adam's epsilon.",
+        description="Epsilon of adamw, adamw8bit, prodigy and adamw_schedulefree.",
         group="optimizer",
         advanced=True,
         gt=0,
     )
     args: dict[str, ScalarArg] = param(
         default_factory=dict,
-        description="Extra keyword arguments passed to the optimizer as they are.",
+        description="Extra keyword arguments for the optimizer, e.g. {d_coef = 2, use_bias_correction = true}; "
+        "they override the fields above. Strings are read as Python literals, as sd-scripts reads optimizer_args "
+        '(betas = "0.9,0.999,0.9999" is a tuple).',
         group="optimizer",
         advanced=True,
         kohya="optimizer_args",
@@ -336,7 +677,8 @@ class OptimizerSection(_Section):
 class SchedulerSection(_Section):
     type: SchedulerKind = param(
         SchedulerKind.CONSTANT,
-        description="Learning-rate schedule after the warmup.",
+        description="Learning-rate schedule after the warmup: constant, constant_with_warmup, linear, cosine, "
+        "cosine_with_restarts, polynomial, or rex (decays like linear but stays higher for longer).",
         group="scheduler",
         kohya="lr_scheduler",
     )
@@ -364,17 +706,38 @@ class SchedulerSection(_Section):
         kohya="lr_scheduler_power",
         gt=0,
     )
+    min_lr_ratio: float = param(
+        0.0,
+        description="Floor of the decaying schedules (linear, cosine, cosine_with_restarts, polynomial, rex) as a "
+        "fraction of each learning rate: they end at the learning rate × this instead of 0.",
+        group="scheduler",
+        advanced=True,
+        kohya="lr_scheduler_min_lr_ratio",
+        ge=0.0,
+        le=1.0,
+        example="0.1",
+    )
 
 
 class TrainingSection(_Section):
     max_steps: int = param(
         1000,
-        description="Optimizer steps to train.",
+        description="Optimizer steps to train (0: training.max_epochs decides instead).",
         group="training",
         kohya="max_train_steps",
         unit="steps",
-        gt=0,
+        ge=0,
         example="1000",
+    )
+    max_epochs: int = param(
+        0,
+        description="Passes over the data to train instead of a step count (0: training.max_steps decides). "
+        "Exactly one of the two is set; the steps follow from the data, batch and accumulation.",
+        group="training",
+        kohya="max_train_epochs",
+        unit="epochs",
+        ge=0,
+        example="10",
     )
     batch_size: int = param(
         1,
@@ -412,6 +775,91 @@ class TrainingSection(_Section):
         group="training",
         kohya="gradient_checkpointing",
     )
+    cache_latents: bool = param(
+        False,
+        description="Encode every image with the VAE once before training and keep the latents in memory "
+        "(faster steps; not with dataset.random_crop or dataset.color_aug; flip_aug caches both sides).",
+        group="training",
+        kohya="cache_latents",
+    )
+    cache_latents_to_disk: bool = param(
+        False,
+        description="Cache the latents on disk too (in Nyx's cache folder), reused by later runs while the "
+        "image, its size and crop, and the VAE are unchanged. Implies cache_latents.",
+        group="training",
+        kohya="cache_latents_to_disk",
+    )
+    vae_batch_size: int = param(
+        1,
+        description="Images the VAE encodes at once while caching latents.",
+        group="training",
+        advanced=True,
+        kohya="vae_batch_size",
+        ge=1,
+        le=256,
+    )
+    cache_text_encoder_outputs: bool = param(
+        False,
+        description="Encode every caption once before training and keep the text encoders' outputs in memory "
+        "(not with caption shuffling or dropout, or network.train_text_encoder).",
+        group="training",
+        advanced=True,
+        kohya="cache_text_encoder_outputs",
+    )
+    prior_loss_weight: float = param(
+        1.0,
+        description="Loss weight of the regularization images (subsets with is_reg).",
+        group="training",
+        advanced=True,
+        kohya="prior_loss_weight",
+        ge=0.0,
+        le=100.0,
+    )
+    masked_loss: bool = param(
+        False,
+        description="Weight each pixel's loss by the image's alpha channel (transparent parts are not "
+        "learned; images without alpha count fully).",
+        group="training",
+        advanced=True,
+        kohya="masked_loss",
+    )
+    resume: str | None = param(
+        None,
+        description="A training-state folder (`<name>-state/`) saved by an earlier run: continue it exactly "
+        "(weights, optimizer, schedule, data order and noise) from the step it was saved at.",
+        group="training",
+        kohya="resume",
+        path=True,
+        example="./output/mychar-state",
+    )
+    validate_every_n_steps: int = param(
+        0,
+        description="Compute the validation loss on the held-out images (dataset.validation_split) every N "
+        "steps, with the same noise each time (0: at the start and the end only).",
+        group="training",
+        kohya="validate_every_n_steps",
+        unit="steps",
+        ge=0,
+    )
+    ema_decay: float = param(
+        0.0,
+        description="Keep an exponential moving average of the LoRA weights with this decay (e.g. 0.999; 0: off). "
+        "The saved LoRA then holds the averaged weights.",
+        group="training",
+        advanced=True,
+        ge=0.0,
+        lt=1.0,
+    )
+    num_processes: int = param(
+        1,
+        description="GPUs to train on together (data parallel, one process each, through `accelerate launch`); "
+        "the batch size is per GPU.",
+        group="training",
+        advanced=True,
+        unit="GPUs",
+        ge=1,
+        le=64,
+    )
     noise_offset: float = param(
         0.0,
         description="Offset noise strength; helps very dark or bright images (0.05–0.1).",
@@ -420,6 +868,169 @@ class TrainingSection(_Section):
         kohya="noise_offset",
         ge=0.0,
         le=1.0,
+    )
+    noise_offset_random_strength: bool = param(
+        False,
+        description="Draw the noise offset's strength uniformly between 0 and training.noise_offset each step.",
+        group="training",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="noise_offset_random_strength",
+    )
+    adaptive_noise_scale: float = param(
+        0.0,
+        description="Add this times each latent channel's absolute mean to the noise offset (needs "
+        "training.noise_offset; 0: off). Around a tenth of noise_offset is typical.",
+        group="training",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="adaptive_noise_scale",
+        ge=-1.0,
+        le=1.0,
+    )
+    multires_noise_iterations: int = param(
+        0,
+        description="Multi-resolution (pyramid) noise: add this many levels of coarser noise (6–10 is usual; "
+        "0: off).",
+        group="training",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="multires_noise_iterations",
+        ge=0,
+        le=32,
+    )
+    multires_noise_discount: float = param(
+        0.3,
+        description="Weight of each coarser level of multi-resolution noise relative to the one before "
+        "(with training.multires_noise_iterations).",
+        group="training",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="multires_noise_discount",
+        gt=0.0,
+        le=1.0,
+    )
+    ip_noise_gamma: float = param(
+        0.0,
+        description="Input-perturbation noise: extra noise of this strength in the noised input (not in the "
+        "target); 0.1 is usual (0: off).",
+        group="training",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="ip_noise_gamma",
+        ge=0.0,
+        le=1.0,
+    )
+    ip_noise_gamma_random_strength: bool = param(
+        False,
+        description="Draw the input-perturbation strength uniformly between 0 and training.ip_noise_gamma each step.",
+        group="training",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="ip_noise_gamma_random_strength",
+    )
+    min_timestep: int = param(
+        0,
+        description="Lowest timestep trained on (0: the start of the schedule).",
+        group="training",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="min_timestep",
+        ge=0,
+        le=1000,
+    )
+    max_timestep: int = param(
+        1000,
+        description="Timesteps are drawn below this one (exclusive, as in sd-scripts; 1000: the whole schedule).",
+        group="training",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="max_timestep",
+        ge=1,
+        le=1000,
+    )
+    loss_type: LossType = param(
+        LossType.L2,
+        description="Loss between prediction and target: l2 (MSE), l1, huber or smooth_l1 (Huber-like, less "
+        "sensitive to outliers; their threshold follows training.huber_schedule).",
+        group="training",
+        advanced=True,
+        kohya="loss_type",
+    )
+    huber_schedule: HuberSchedule = param(
+        HuberSchedule.SNR,
+        description="How the Huber threshold changes with the timestep: constant (huber_c), exponential (from 1 "
+        "down to huber_c) or snr (from the noise level). With loss_type huber or smooth_l1.",
+        group="training",
+        advanced=True,
+        kohya="huber_schedule",
+    )
+    huber_c: float = param(
+        0.1,
+        description="Huber threshold (constant), or its lowest value (exponential, snr).",
+        group="training",
+        advanced=True,
+        kohya="huber_c",
+        gt=0.0,
+        le=1.0,
+    )
+    huber_scale: float = param(
+        1.0,
+        description="Multiplies the Huber threshold of the constant and exponential schedules.",
+        group="training",
+        advanced=True,
+        kohya="huber_scale",
+        gt=0.0,
+        le=100.0,
+    )
+    min_snr_gamma: float = param(
+        0.0,
+        description="Min-SNR weighting: cap each timestep's weight at this signal-to-noise ratio (5 is the "
+        "paper's choice; 0: off). Steadies training by not over-weighting the low-noise timesteps.",
+        group="training",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="min_snr_gamma",
+        ge=0.0,
+        le=100.0,
+    )
+    debiased_estimation_loss: bool = param(
+        False,
+        description="Weight each timestep's loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), the debiased "
+        "estimation of Yu et al.",
+        group="training",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="debiased_estimation_loss",
+    )
+    zero_terminal_snr: bool = param(
+        False,
+        description="Rescale the noise schedule so the last timestep is pure noise (zero terminal SNR); for "
+        "v-prediction models. Samples use the rescaled schedule with trailing timesteps.",
+        group="training",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="zero_terminal_snr",
+    )
+    scale_v_pred_loss_like_noise_pred: bool = param(
+        False,
+        description="Scale a v-prediction model's loss by SNR/(SNR+1), so each timestep weighs as in noise "
+        "prediction (v-prediction models only).",
+        group="training",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="scale_v_pred_loss_like_noise_pred",
+    )
+    v_pred_like_loss: float = param(
+        0.0,
+        description="Add a v-prediction-like loss of this weight to a noise-prediction model's loss (0: off; "
+        "epsilon models only).",
+        group="training",
+        advanced=True,
+        families=UNET_FAMILIES,
+        kohya="v_pred_like_loss",
+        ge=0.0,
+        le=10.0,
     )
 
 
@@ -472,6 +1083,24 @@ class SavingSection(_Section):
         unit="steps",
         ge=0,
     )
+    every_n_epochs: int = param(
+        0,
+        description="Also save a LoRA at the end of every N-th epoch (0: never).",
+        group="saving",
+        kohya="save_every_n_epochs",
+        unit="epochs",
+        ge=0,
+    )
+    keep_last_n: int = param(
+        0,
+        description="Keep only the last N of the LoRAs (and states) saved every N steps/epochs, deleting older "
+        "ones (0: keep all). The final LoRA and the ones asked for with save_now are never deleted.",
+        group="saving",
+        advanced=True,
+        kohya="save_last_n_epochs",
+        unit="files",
+        ge=0,
+    )
     save_state: bool = param(
         True,
         description="With each saved LoRA, also save the training state (optimizer, schedule, random generators) "
@@ -519,9 +1148,13 @@ class SavingSection(_Section):
 class SamplingSection(_Section):
     prompts: list[str] = param(
         default_factory=list,
-        description="Prompts rendered as sample images during training.",
+        description="Prompts rendered as sample images during training, one image each, in sd-scripts' syntax: "
+        '"a photo of mychar --n blurry --w 512 --h 768 --s 28 --l 7.5 --d 42 --ss euler_a" (negative prompt, '
+        "width, height, steps, CFG scale, seed, sampler; all optional). Defaults: the training resolution, 30 "
+        "steps, scale 7.5, seed training.seed + the prompt's index, sampling.sampler.",
         group="sampling",
         kohya="sample_prompts",
+        example='["a photo of mychar --w 512 --h 512 --d 1"]',
     )
     every_n_steps: int = param(
         0,
@@ -530,6 +1163,30 @@ class SamplingSection(_Section):
         kohya="sample_every_n_steps",
         unit="steps",
         ge=0,
+    )
+    every_n_epochs: int = param(
+        0,
+        description="Render samples at the end of every N-th epoch (0: never). Like sd-scripts, when set it "
+        "replaces sampling.every_n_steps.",
+        group="sampling",
+        advanced=True,
+        kohya="sample_every_n_epochs",
+        unit="epochs",
+        ge=0,
+    )
+    sample_at_first: bool = param(
+        False,
+        description="Also render samples before the first step (what the base model makes of the prompts).",
+        group="sampling",
+        kohya="sample_at_first",
+    )
+    sampler: Sampler = param(
+        Sampler.DDIM,
+        description="Sampler (diffusers scheduler) for the samples, by sd-scripts' names; a prompt's --ss "
+        "overrides it.",
+        group="sampling",
+        advanced=True,
+        kohya="sample_sampler",
     )
 
 
@@ -575,8 +1232,54 @@ class TrainingConfig(_Section):
     backend: BackendSection = BackendSection()
 
     @model_validator(mode="after")
+    def _family_defaults(self) -> TrainingConfig:
+        """Settings left out follow the family: dataset.resolution is the family's native one (SDXL 1024) unless
+        the config sets it. It stays "not set" (model_fields_set), so changing the family changes it again;
+        a saved config writes it out, and loads back the same."""
+        if "resolution" not in self.dataset.model_fields_set:
+            native = FAMILY_DEFAULTS[self.model.family].resolution
+            if self.dataset.resolution != native:
+                dataset = self.dataset.model_copy(update={"resolution": native})
+                dataset.__pydantic_fields_set__.discard("resolution")
+                object.__setattr__(self, "dataset", dataset)  # not self.dataset = …: that would validate again
+        return self
+
+    @model_validator(mode="after")
+    def _network_blocks(self) -> TrainingConfig:
+        """Block-wise lists have one number per UNet block of the family (sd-scripts' numbering)."""
+        count = UNET_BLOCK_COUNTS.get(self.model.family)
+        for name in BLOCK_FIELDS:
+            values = getattr(self.network, name)
+            if values is None:
+                continue
+            if count is None:
+                raise ValueError(
+                    f"network.{name} is for the UNet families (sd15, sd2, sdxl), not {self.model.family.value}; "
+                    f"remove network.{name}"
+                )
+            if len(values) != count:
+                order = "12 in, 1 mid, 12 out" if count == 25 else "embedding, 9 in, 3 mid, 9 out, out"
+                raise ValueError(
+                    f"network.{name} has {len(values)} numbers; {self.model.family.value} has {count} UNet blocks "
+                    f"(sd-scripts' order: {order}), so give {count} numbers"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _cross_field(self) -> TrainingConfig:
-        if self.scheduler.warmup_steps >= self.training.max_steps:
+        tr = self.training
+        if bool(tr.max_steps) == bool(tr.max_epochs):
+            fix = (
+                f"set max_steps = 0 to train {tr.max_epochs} epochs, or max_epochs = 0 to train {tr.max_steps} steps"
+                if tr.max_steps
+                else "set one of them, e.g. max_steps = 1000"
+            )
+            raise ValueError(f"training.max_steps and training.max_epochs: exactly one decides the run's length; {fix}")
+        if tr.validate_every_n_steps and not self.dataset.validation_split:
+            raise ValueError(
+                "training.validate_every_n_steps needs held-out images: set dataset.validation_split, e.g. to 0.1"
+            )
+        if self.training.max_steps and self.scheduler.warmup_steps >= self.training.max_steps:
             raise ValueError(
                 f"scheduler.warmup_steps ({self.scheduler.warmup_steps}) must be below training.max_steps "
                 f"({self.training.max_steps}); lower the warmup, e.g. to {self.training.max_steps // 10}"

@@ -229,6 +229,7 @@ class ConfigScreen(Screen[None]):
     def _after_edit(self, widget: Widget) -> None:
         row = next((a for a in widget.ancestors if isinstance(a, ParamRow)), None)
         if row is not None and row.param.path == "model.family":
+            self.form.follow_family()
             self.form.refresh_visibility()
         self.validate_form()
 

@@ -16,14 +16,16 @@ from nyx_tui.config.fields import Family
 from nyx_tui.config.io import dumps_config
 from nyx_tui.config.model import BackendKind, NetworkKind, OptimizerKind, TrainingConfig
 from nyx_tui.jobs.jobdir import JobDir, create_job
+from nyx_tui.trainers.native.network_check import network_problems  # torch-free
+from nyx_tui.trainers.native.state import resume_problems  # torch-free: reads nyx_state.json
 
 
 class Trainer(Protocol):
     @property
     def name(self) -> str: ...
 
-    def argv(self) -> list[str]:
-        """The worker command; the supervisor runs it with the job directory as its working directory."""
+    def argv(self, cfg: TrainingConfig) -> list[str]:
+        """The worker command for `cfg`; the supervisor runs it with the job directory as its working directory."""
         ...
 
     def problems(self, cfg: TrainingConfig) -> list[Problem]: ...
@@ -34,12 +36,22 @@ class NativeTrainer:
     """Nyx's own engine (`python -m nyx_tui.trainers.native JOB_DIR`)."""
 
     name: str = BackendKind.NATIVE.value
-    families: tuple[Family, ...] = (Family.SD15,)
-    networks: tuple[NetworkKind, ...] = (NetworkKind.LORA,)
-    optimizers: tuple[OptimizerKind, ...] = (OptimizerKind.ADAMW,)
+    families: tuple[Family, ...] = (Family.SD15, Family.SD2, Family.SDXL)  # trainers.native.models loads these
+    networks: tuple[NetworkKind, ...] = tuple(NetworkKind)  # trainers.native.networks builds every one
+    optimizers: tuple[OptimizerKind, ...] = tuple(OptimizerKind)  # trainers.native.optim builds every one
 
-    def argv(self) -> list[str]:
-        return [sys.executable, "-m", "nyx_tui.trainers.native", "."]
+    def argv(self, cfg: TrainingConfig) -> list[str]:
+        """One process, or with `training.num_processes` > 1 one per GPU through `accelerate launch` (DDP; the
+        engine itself is the same). The flags are all given so accelerate asks nothing and warns about no
+        default; its own config file (`accelerate config`) is not needed. A busy default port makes it pick
+        a free one."""
+        worker = ["-m", "nyx_tui.trainers.native", "."]
+        n = cfg.training.num_processes
+        if n <= 1:
+            return [sys.executable, *worker]
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n)]
+        launch += ["--num_machines", "1", "--mixed_precision", cfg.training.mixed_precision.value]
+        return [*launch, "--dynamo_backend", "no", *worker]
 
     def problems(self, cfg: TrainingConfig) -> list[Problem]:
         out: list[Problem] = []
@@ -54,43 +66,21 @@ class NativeTrainer:
             )
 
         if cfg.model.family not in self.families:
-            choice("model.family", cfg.model.family.value, tuple(f.value for f in self.families))
+            allowed = ", ".join(f.value for f in self.families)
+            out.append(
+                Problem(
+                    "model.family",
+                    f"the native engine trains {allowed} models; {cfg.model.family.value} (a flow-matching "
+                    "transformer) is not supported by it yet",
+                    f"set model.family to one of: {allowed}, or use a kohya backend for {cfg.model.family.value}",
+                )
+            )
         if cfg.network.kind not in self.networks:
             choice("network.kind", cfg.network.kind.value, tuple(n.value for n in self.networks))
         if cfg.optimizer.type not in self.optimizers:
             choice("optimizer.type", cfg.optimizer.type.value, tuple(o.value for o in self.optimizers))
-        if cfg.network.train_text_encoder:
-            out.append(
-                Problem(
-                    "network.train_text_encoder",
-                    "the native engine trains the UNet only for now",
-                    "set network.train_text_encoder = false",
-                )
-            )
-        if not cfg.network.train_unet:
-            out.append(
-                Problem(
-                    "network.train_unet",
-                    "the native engine trains the UNet; with train_unet = false there is nothing to train",
-                    "set network.train_unet = true",
-                )
-            )
-        if cfg.model.vae:
-            out.append(
-                Problem(
-                    "model.vae",
-                    "the native engine uses the base model's own VAE for now",
-                    "remove model.vae",
-                )
-            )
-        if cfg.sampling.every_n_steps > 0:
-            out.append(
-                Problem(
-                    "sampling.every_n_steps",
-                    "the native engine does not render samples during training yet",
-                    "set sampling.every_n_steps = 0",
-                )
-            )
+        out += network_problems(cfg)
+        out += resume_problems(cfg)
         return out
 
 
@@ -126,4 +116,4 @@ def create_training_job(cfg: TrainingConfig, queue: bool = False) -> JobDir:
     extra: dict[str, object] = {"backend": trainer.name, "resource": "gpu"}
     if queue:
         extra["queue"] = True
-    return create_job("train", name, argv=trainer.argv(), config_toml=dumps_config(cfg), extra=extra)
+    return create_job("train", name, argv=trainer.argv(cfg), config_toml=dumps_config(cfg), extra=extra)

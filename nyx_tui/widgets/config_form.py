@@ -26,6 +26,7 @@ from textual.widgets import Button, Checkbox, Input, Select, Static
 from nyx_tui.config.errors import Problem
 from nyx_tui.config.fields import Family, Param, iter_params
 from nyx_tui.config.model import TrainingConfig
+from nyx_tui.families import FAMILY_DEFAULTS
 
 SUBSETS_PATH = "dataset.subsets"
 
@@ -125,6 +126,8 @@ def parse_text(annotation: Any, text: str) -> Any:
     _, optional = strip_optional(annotation)
     kind = kind_of(annotation)
     raw = text.strip()
+    if raw == "" and optional:  # an optional list left empty is unset, not an empty list
+        return UNSET
     if kind in ("list", "tuple"):
         items = [p.strip() for p in _split_items(raw) if p.strip()]
         return [_parse_scalar(i) for i in items] if kind == "tuple" else items
@@ -138,8 +141,6 @@ def parse_text(annotation: Any, text: str) -> Any:
                 return raw  # not `key=value`: validation names the field instead of guessing a value
             out[key.strip()] = _parse_scalar(val.strip())
         return out
-    if raw == "" and optional:
-        return UNSET
     if kind in ("int", "float"):
         try:
             return int(raw) if kind == "int" else float(raw)
@@ -439,6 +440,7 @@ class ConfigForm(VerticalScroll):
     def __init__(self, config: TrainingConfig, *, id: str | None = "config-form") -> None:
         super().__init__(id=id)
         self._config_data = config.model_dump(mode="json")
+        self._family: Family | None = config.model.family
         self.filter_text = ""
         self.show_advanced = False
 
@@ -486,7 +488,20 @@ class ConfigForm(VerticalScroll):
         except ValueError:
             return None
 
+    def follow_family(self) -> None:
+        """After model.family changed: a resolution still at the old family's native size takes the new one's
+        (SD1.5 512 → SDXL 1024), as a config file that leaves it out would; a size the user typed stays."""
+        new, old = self.family(), self._family
+        self._family = new
+        if old is None or new is None or old == new:
+            return
+        row = self.row("dataset.resolution")
+        if row.get_value() == FAMILY_DEFAULTS[old].resolution:
+            with self.prevent(Input.Changed):
+                row.set_value(FAMILY_DEFAULTS[new].resolution)
+
     async def set_config(self, config: TrainingConfig) -> None:
+        self._family = config.model.family
         data = config.model_dump(mode="json")
         with self.prevent(Input.Changed, Select.Changed, Checkbox.Changed):
             for row in self.top_rows():

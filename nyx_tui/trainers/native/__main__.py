@@ -8,6 +8,7 @@ output.log); 2 for a bad command line; 130 when interrupted by SIGINT (the super
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -30,10 +31,16 @@ def main(argv: list[str] | None = None) -> int:
         with EventWriter(job.events_path) as events:
             cfg = load_config(job.config_path)
             if main_process:
-                events.emit("start", job=job.id, job_kind="train", total_steps=cfg.training.max_steps)
+                # the run's length: its steps, or (when epochs decide) its epochs: the steps follow from the data
+                tr = cfg.training
+                length = {"total_epochs": tr.max_epochs} if tr.max_epochs else {"total_steps": tr.max_steps}
+                events.emit("start", job=job.id, job_kind="train", **length)
                 events.emit("artifact", path=str(job.config_path), what="config")
                 events.emit("progress", done=0, total=len(LOAD_STAGES), unit="stage", message=LOAD_STAGES[0])
                 print(f"{LOAD_STAGES[0]}…", flush=True)
+            # bitsandbytes warns on import, on CPUs with AVX512-BF16, that an optional 4-bit kernel package is
+            # missing: nothing a LoRA run uses, and it reads like an error in output.log
+            logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
             from nyx_tui.trainers.native.engine import train
 
             return train(job, cfg, events)

@@ -1,12 +1,18 @@
 """The native training loop for SD1.5-family LoRAs: load, then step, report, obey commands, save.
 
-One function, `train`, reads top to bottom like nanoGPT's loop: build the data, load the model, add the
-adapter, make the optimizer and schedule, then per optimizer step: accumulate gradients over micro-
-batches, clip, step, emit a `step` event, look at `control.jsonl`, save when due.
+One function, `train`, reads top to bottom like nanoGPT's loop: build the data (and the validation split),
+load the model, add the adapter, make the optimizer and schedule, resume a saved state if asked, then per
+optimizer step: look at `control.jsonl` (the main process; the decision is broadcast to all), accumulate
+gradients over micro-batches, clip, step, update the EMA, emit a `step` event, save and validate when due.
+The pieces live beside it: `progress` (steps or epochs, the batch stream, the seeded generators), `state`
+(the state folder's `nyx_state.json`, keep-last-N), `ema`, `validation`, `distributed`, `losses` (noise and
+loss options), `sampling` (sample images every N steps/epochs and on `sample_now`).
 
 A save writes the LoRA and, unless `saving.save_state` is off (a `stop` always writes it), the training
 state next to it: `<name>-state/`, accelerate's `save_state` folder (the LoRA weights only, the optimizer,
-the schedule, the seeded generators, the RNG states) plus `nyx_state.json` (step, epoch), written last.
+the schedule, the seeded generators, the RNG states of every process, the EMA) plus `nyx_state.json`
+(step, epoch, batches of the epoch done, the network), written last. `training.resume` loads such a folder
+and continues exactly: same weights, optimizer, schedule, data order position and noise stream.
 
 Why `accelerate`: it is the thing that makes the same loop run under `accelerate launch` on several GPUs
 (DDP wrapping, `no_sync` during accumulation, autocast for fp16/bf16, a gradient scaler for fp16) without
@@ -23,28 +29,43 @@ timesteps. Same seed, data and config → the same losses.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from diffusers.optimization import get_scheduler
+from accelerate.utils import gather_object
 
 from nyx_tui.config.model import TrainingConfig
 from nyx_tui.jobs.control import ControlReader
 from nyx_tui.jobs.events import EventWriter
 from nyx_tui.jobs.jobdir import JobDir, atomic_write
-from nyx_tui.trainers.native import LOAD_STAGES, data, latents, lora_io, losses, models, networks
+from nyx_tui.trainers.native import (
+    LOAD_STAGES,
+    data,
+    distributed,
+    latents,
+    lora_io,
+    losses,
+    models,
+    networks,
+    optim,
+    progress,
+    sampling,
+    validation,
+)
+from nyx_tui.trainers.native.ema import LoraEMA
+from nyx_tui.trainers.native.progress import SeededGenerators
+from nyx_tui.trainers.native.state import STATE_INFO, Retention, StateInfo, network_signature
 
-STATE_INFO = "nyx_state.json"  # in a training-state folder: step, epoch, max_steps, the LoRA saved with it
+__all__ = ["STATE_INFO", "SeededGenerators", "keep_trainable_weights", "train"]
 
 
 class Reporter:
@@ -71,20 +92,6 @@ class Reporter:
         if self.enabled:
             self.events.emit("progress", done=index, total=len(LOAD_STAGES), unit="stage", message=message)
             print(f"{message}…", flush=True)
-
-
-class SeededGenerators:
-    """The run's seeded generators (data order, noise) as one object accelerate can checkpoint."""
-
-    def __init__(self, **generators: torch.Generator) -> None:
-        self.generators = generators
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: g.get_state() for name, g in self.generators.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name, value in state.items():
-            self.generators[name].set_state(value)
 
 
 def keep_trainable_weights(models: list[torch.nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
@@ -127,129 +134,260 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
 
     # ---------------------------------------------------------------- data
     report.stage(1)
-    items = data.scan(cfg.dataset)
-    dataset = data.ImageCaptionDataset(items, cfg.dataset)
+    all_items = data.scan(cfg.dataset)
+    items, val_items = validation.split(all_items, cfg.dataset.validation_split, tr.seed)
+    cache_latents = tr.cache_latents or tr.cache_latents_to_disk  # then batches carry no pixels
+    item_options: dict[str, Any] = {
+        "prior_loss_weight": tr.prior_loss_weight,
+        "masks": tr.masked_loss,
+        "pixels": not cache_latents,
+    }
+    dataset = data.ImageCaptionDataset(items, cfg.dataset, **item_options)
     data_gen = torch.Generator().manual_seed(tr.seed)
     noise_gen = torch.Generator().manual_seed(tr.seed + 1 + accelerator.process_index)
-    sampler = data.EpochBatches(
-        len(items), tr.batch_size, data_gen, accelerator.process_index, accelerator.num_processes
+    gens = SeededGenerators(data=data_gen, noise=noise_gen, rank=accelerator.process_index)
+    epoch_batches = data.EpochBatches(
+        data.bucket_keys(items), tr.batch_size, data_gen, accelerator.process_index, accelerator.num_processes
     )
+    sampler = progress.SkipBatches(epoch_batches)
+    # every DataLoader gets a generator of its own: by default each pass over it draws a seed from the global
+    # torch RNG, which the adapter's dropout uses too, and a resumed run would be one draw off
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=data.collate,
         num_workers=cfg.dataset.num_workers,
         persistent_workers=cfg.dataset.num_workers > 0,
+        generator=torch.Generator(),
     )
-    per_epoch = data.steps_per_epoch(
-        len(items), tr.batch_size, tr.gradient_accumulation_steps, accelerator.num_processes
-    )
-    num_epochs = math.ceil(tr.max_steps / per_epoch)
+    val_loader = None
+    if val_items and accelerator.is_main_process:
+        val_loader = torch.utils.data.DataLoader(
+            data.ImageCaptionDataset(val_items, cfg.dataset, **item_options),
+            batch_sampler=validation.FixedBatches(len(val_items), tr.batch_size, tr.seed, data.bucket_keys(val_items)),
+            collate_fn=data.collate,
+            generator=torch.Generator(),
+        )
+    plan = progress.Plan.make(tr, len(sampler))
+    if optim.warmup_steps(cfg.scheduler, plan.total_steps) >= plan.total_steps:
+        raise ValueError(
+            f"scheduler.warmup_steps ({cfg.scheduler.warmup_steps}) must be below the run's {plan.total_steps} "
+            f"steps ({plan.total_epochs} epochs of {plan.steps_per_epoch}); lower the warmup"
+        )
+    num_epochs = plan.total_epochs
     n_images = len(dict.fromkeys(i.image for i in items))
-    report.log(f"{n_images} images, {len(items)} with repeats; {per_epoch} steps an epoch, {num_epochs} epochs")
+    held_out = f" (+{len(val_items)} held out for validation)" if val_items else ""
+    report.log(f"{n_images} images{held_out}, {len(items)} with repeats; {plan.describe()}")
+    if cfg.dataset.enable_bucket or any(i.is_reg for i in items):
+        report.log(data.describe(items))
 
     # ---------------------------------------------------------------- model + adapter
     report.stage(2)
-    model = models.load_model(cfg.model)
+    model = models.load_model(cfg.model, max_token_length=cfg.dataset.max_token_length)
+    report.log(models.describe(model))
+    for level, message in losses.prepare_noise_schedule(model, tr):  # zero terminal SNR; checks needing the model
+        report.log(message, level)
     models.freeze(model)
-    for part in (model.text_encoder, model.vae, model.unet):
-        part.to(device) if weight_dtype == torch.float32 else part.to(device, weight_dtype)
+    models.place(model, device, weight_dtype)  # every part, SDXL's second text encoder too
+    latent_cache = latents.prepare_latent_cache(
+        model,
+        items + val_items,
+        cfg,
+        device=device,
+        report=report,
+        is_main=accelerator.is_main_process,
+        wait_for_everyone=accelerator.wait_for_everyone,
+    )
+    text_cache = latents.prepare_text_cache(model, [i.caption for i in items + val_items], cfg, device, report)
     report.stage(3)
     seed_everything(tr.seed)
     network = networks.attach(model, cfg)
     params = network.params
     if tr.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-    model.unet.train()
+    network.train()  # the parts with adapters train (UNet, text encoders if trained); frozen ones stay in eval
     report.log(network.describe())
 
     # ---------------------------------------------------------------- optimizer + schedule
     report.stage(4)
     opt = cfg.optimizer
-    extra: dict[str, Any] = dict(opt.args)  # passed as they are (e.g. amsgrad = true, fused = true)
-    optimizer = torch.optim.AdamW(
-        network.param_groups(),
-        lr=opt.learning_rate,
-        weight_decay=opt.weight_decay,
-        betas=(opt.betas[0], opt.betas[1]),
-        eps=opt.eps,
-        **extra,
-    )
-    lr_scheduler = get_scheduler(
-        cfg.scheduler.type.value,
-        optimizer,
-        num_warmup_steps=cfg.scheduler.warmup_steps,
-        num_training_steps=tr.max_steps,
-        num_cycles=cfg.scheduler.num_cycles,
-        power=cfg.scheduler.power,
-    )
+    optimizer = optim.build_optimizer(opt, network.param_groups())  # schedule-free ones: in train mode
+    lr_scheduler = optim.build_scheduler(cfg.scheduler, optimizer, plan.total_steps)
     unet, optimizer = accelerator.prepare(model.unet, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler, SeededGenerators(data=data_gen, noise=noise_gen))
+    accelerator.register_for_checkpointing(lr_scheduler, gens, *network.checkpoint_objects())  # + TE adapters
     accelerator.register_save_state_pre_hook(keep_trainable_weights)
+    ema = LoraEMA(params, tr.ema_decay) if tr.ema_decay else None
+
+    # ---------------------------------------------------------------- resume
+    step, start_epoch, batches_done = 0, 1, 0
+    if tr.resume:
+        info = resume_state(Path(tr.resume), accelerator, gens, ema, plan, report)
+        step, start_epoch, batches_done = info.step, info.epoch, info.batches_done
+    optim.train_mode(optimizer)  # a no-op: states are saved in train mode (older ones may not be)
+    accum = tr.gradient_accumulation_steps
+    stream = progress.BatchStream(loader, sampler, gens, plan, accum, start_epoch, batches_done)
+    epoch_batches.epoch = start_epoch - 1  # its next pass is the stream's epoch (caption_dropout_every_n_epochs)
 
     # ---------------------------------------------------------------- saving
-    out_dir = Path(cfg.saving.output_dir) if cfg.saving.output_dir else job.output_dir
-    save_dtype = lora_io.SAVE_DTYPES[cfg.saving.precision.value]
+    sv = cfg.saving
+    out_dir = Path(sv.output_dir) if sv.output_dir else job.output_dir
+    save_dtype = lora_io.SAVE_DTYPES[sv.precision.value]
     started_at = time.time()
+    retention = Retention(sv.keep_last_n)
 
-    def save(step: int, epoch: int, final: bool, state: bool) -> None:
-        """The LoRA `<name>.safetensors`, then (with `state`) the training state `<name>-state/`."""
-        name = cfg.saving.output_name + ("" if final else f"-step{step:06d}")
+    @contextmanager
+    def weights_to_keep() -> Iterator[None]:
+        """For saving a LoRA and validating: a schedule-free optimizer's averaged weights (x) in the model (a
+        no-op for other optimizers). Afterwards the weights it steps on (y) are put back exactly: its own
+        eval()/train() round trip is off by rounding, and a run that saved would drift from one that did not."""
+        if not optim.is_schedule_free(optimizer):
+            yield
+            return
+        backup = [p.detach().clone() for p in params]
+        optim.eval_mode(optimizer)
+        try:
+            yield
+        finally:
+            optim.train_mode(optimizer)
+            with torch.no_grad():
+                for p, b in zip(params, backup, strict=True):
+                    p.copy_(b)
+
+    def save(step: int, final: bool, state: bool, tag: str = "step", keep: bool = False) -> None:
+        """The LoRA `<name>.safetensors`, then (with `state`) the training state `<name>-state/`. Intermediate
+        saves are named `-stepNNNNNN` (`-epochNNNNNN` at an epoch end); keep_last_n prunes them unless `keep`."""
+        suffix = "" if final else f"-{tag}{(stream.epoch if tag == 'epoch' else step):06d}"
+        name = sv.output_name + suffix
         lora = out_dir / f"{name}.safetensors"
-        if accelerator.is_main_process:
-            save_lora(lora, step, epoch)
-        if state:
-            save_training_state(out_dir / f"{name}-state", lora, step, epoch)
+        state_dir = out_dir / f"{name}-state" if state else None
+        with weights_to_keep():
+            if accelerator.is_main_process:
+                save_lora(lora, step, stream.epoch)
+        if state_dir is not None:  # in train mode: the weights the optimizer steps on, for an exact resume
+            save_training_state(state_dir, lora, step)
+        if accelerator.is_main_process and not final and not keep:
+            for path in retention.add(lora, state_dir):
+                report.log(f"removed {path} (saving.keep_last_n = {sv.keep_last_n})")
 
     def save_lora(path: Path, step: int, epoch: int) -> None:
-        tensors = network.kohya_state_dict(save_dtype)
         meta = lora_io.build_metadata(
             cfg,
             step=step,
-            num_train_images=len(items),
+            num_train_images=sum(1 for i in items if not i.is_reg),  # sd-scripts counts repeats, not reg images
             tag_frequency=data.tag_frequency(items),
             started_at=started_at,
             mixed_precision=mixed,
             prediction_type=model.prediction_type,
             epoch=epoch,
             num_epochs=num_epochs,
+            max_train_steps=plan.total_steps,
         )
-        path = lora_io.save_lora(path, tensors, meta)
+        # the saved LoRA holds the EMA weights when there is one; written inside the swap, since the state
+        # dict's tensors may be the parameters themselves (fp32 on the CPU: `.to` returns them as they are)
+        with ema.swapped() if ema else nullcontext():
+            path = lora_io.save_lora(path, network.kohya_state_dict(save_dtype), meta)
         report.emit("artifact", path=str(path), what="lora", step=step)
         print(f"saved {path}", flush=True)
 
-    def save_training_state(path: Path, lora: Path, step: int, epoch: int) -> None:
-        """Every process writes its part (its RNG state; the main one the rest). No barrier: the processes
-        may read a command at different steps. `nyx_state.json` comes last: without it, it is incomplete."""
+    def save_training_state(path: Path, lora: Path, step: int) -> None:
+        """Every process writes its part (its RNG state; the main one the rest: weights, optimizer, schedule,
+        generators of all processes, EMA). All processes save at the same step (the commands are broadcast),
+        so they meet before `nyx_state.json` is written last: without it, a state is incomplete."""
+        if accelerator.num_processes > 1:
+            gens.all_noise = gather_object([noise_gen.get_state()])
         accelerator.save_state(str(path))
+        gens.all_noise = None
+        if ema is not None and accelerator.is_main_process:
+            ema.save(path)
+        accelerator.wait_for_everyone()
         if not accelerator.is_main_process:
             return
-        info = {"step": step, "epoch": epoch, "max_steps": tr.max_steps, "lora": str(lora), "saved": time.time()}
-        atomic_write(path / STATE_INFO, json.dumps(info, indent=1) + "\n")
+        info = StateInfo(
+            step=step,
+            epoch=stream.epoch,
+            batches_done=stream.batches_done,
+            total_steps=plan.total_steps,
+            steps_per_epoch=plan.steps_per_epoch,
+            num_processes=accelerator.num_processes,
+            lora=str(lora),
+            saved=time.time(),
+            ema=ema is not None,
+            network=network_signature(cfg),
+        )
+        atomic_write(path / STATE_INFO, info.to_json())
         report.emit("artifact", path=str(path), what="state", step=step)
         print(f"saved the training state {path}", flush=True)
 
-    # ---------------------------------------------------------------- the loop
-    def batches() -> Iterator[tuple[int, dict[str, Any]]]:
-        epoch = 0
-        while True:
-            epoch += 1
-            for batch in loader:
-                yield epoch, batch
+    # ---------------------------------------------------------------- the loss, validation
+    def batch_loss(denoiser: Any, batch: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
+        """The loss of one batch (latents, text conditioning, then noise and timesteps from `gen`); training
+        passes the (DDP-wrapped) UNet, validation the bare one."""
+        lat = latents.batch_latents(model, batch, gen, device, weight_dtype, latent_cache)
+        if text_cache is not None:
+            cond = text_cache.conditioning(batch["captions"], device)
+        else:
+            with nullcontext() if network.trains_text_encoder else torch.no_grad():
+                cond = models.encode_text(model, batch["captions"], device)
+        return losses.training_loss(model, denoiser, lat, cond, batch, gen, tr, device, weight_dtype)
 
-    stream = batches()
-    control = ControlReader(job.control_path)
+    def validate(step: int) -> None:
+        """`val_loss` of the held-out images at the weights that would be saved now (the EMA when on)."""
+        if val_loader is None:
+            return
+        network.eval()  # no adapter dropout: nothing random but the fixed-seed generator
+        try:
+            with weights_to_keep(), ema.swapped() if ema else nullcontext(), accelerator.autocast():
+                value = validation.validation_loss(model.unet, val_loader, batch_loss, tr.seed)
+        finally:
+            network.train()
+        report.emit("metric", name="val_loss", value=value, step=step)
+        print(f"step {step} val_loss {value:.4f}", flush=True)
+
+    # ---------------------------------------------------------------- samples
+    sample_jobs = sampling.jobs(cfg)  # parsed on every process (cheap); only the main one renders
+    renderer = sampling.SampleRenderer(cfg, model, out_dir / "samples") if accelerator.is_main_process else None
+
+    def render_samples(step: int) -> None:
+        """`sampling.prompts` at the weights that would be saved now (the EMA, a schedule-free optimizer's
+        average), rendered by the main process while the others wait. A failure is logged, not raised: a long
+        run should not die for a sample. The time it takes is left out of it/s and the ETA."""
+        if renderer is not None and renderer.jobs:
+            started = time.perf_counter()
+            network.eval()
+            try:
+                with weights_to_keep(), ema.swapped() if ema else nullcontext(), accelerator.autocast():
+                    done = renderer.render(step)
+            except Exception as e:
+                report.log(f"rendering the samples at step {step} failed: {type(e).__name__}: {e}", "error")
+            else:
+                report.emit("sample", step=step, images=[str(p) for p in done.images], prompts=done.prompts)
+                print(f"step {step}: {len(done.images)} sample(s) in {done.images[0].parent}", flush=True)
+            finally:
+                network.train()
+            elapsed = time.perf_counter() - started
+            for i in range(len(times)):
+                times[i] += elapsed
+        accelerator.wait_for_everyone()
+
+    # ---------------------------------------------------------------- the loop
+    commands = distributed.CommandChannel(accelerator, ControlReader(job.control_path))
     recent: deque[float] = deque(maxlen=cfg.logging.loss_avg_window)
     times: deque[float] = deque(maxlen=21)
-    accum = tr.gradient_accumulation_steps
-    print_every = max(1, tr.max_steps // 20)
-    step, epoch = 0, 1
+    total = plan.total_steps
+    print_every = max(1, total // 20)
+    validate_every = tr.validate_every_n_steps
     stopped = False
     report.stage(len(LOAD_STAGES))
+    if step >= total:
+        report.log(f"the resumed state is at step {step}; this run has {total} steps: nothing left to train", "warning")
+    elif step == 0:
+        validate(0)  # the baseline of the validation curve (a resumed run has it already)
+        if cfg.sampling.sample_at_first:
+            render_samples(0)
     times.append(time.perf_counter())
-    while step < tr.max_steps:
-        # -- commands (cheap: one read of a small file)
-        for cmd in control.poll():
+    while step < total:
+        # -- commands (cheap: one read of a small file on the main process, a tiny broadcast with several)
+        for cmd in commands.poll():
             what = cmd.get("command")
             if what == "cancel":
                 report.log("cancel received: exiting without saving", ack=what)
@@ -259,34 +397,44 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
                 stopped = True
             elif what == "save_now":
                 report.log(f"save_now received: saving at step {step}", ack=what)
-                save(step, epoch, final=False, state=cfg.saving.save_state)
+                save(step, final=False, state=sv.save_state, keep=True)
             elif what == "sample_now":
-                report.log("sample_now received: the native engine does not render samples yet", "warning", ack=what)
+                if sample_jobs:
+                    report.log(f"sample_now received: rendering {len(sample_jobs)} sample(s) at step {step}", ack=what)
+                    render_samples(step)
+                else:
+                    report.log("sample_now received, but sampling.prompts has no prompt to render", "warning", ack=what)
         if stopped:
             break
 
-        # -- one optimizer step over `accum` micro-batches
-        loss_sum = 0.0
-        for micro in range(accum):
-            epoch, batch = next(stream)
-            sync = micro == accum - 1
+        # -- one optimizer step over its micro-batches (`accum`, fewer at the end of an epoch)
+        loss_sum, micro = 0.0, 0
+        for batch, count in stream.step_batches():
+            micro += 1
+            sync = micro == count
             with nullcontext() if sync else accelerator.no_sync(unet), accelerator.autocast():
-                lat = latents.batch_latents(model, batch, noise_gen, device, weight_dtype)
-                with torch.no_grad():
-                    cond = models.encode_text(model, batch["captions"], device)
-                loss = losses.training_loss(model, unet, lat, cond, batch, noise_gen, tr, device, weight_dtype)
-                accelerator.backward(loss / accum)
+                loss = batch_loss(unet, batch, noise_gen)
+                accelerator.backward(loss / count)
             loss_sum += loss.detach().item()
+            if step == 0 and micro == 1 and accelerator.num_processes > 1:
+                shards = distributed.shard_summary(accelerator, list(batch["captions"]))
+                for rank, captions in enumerate(shards or []):
+                    report.log(f"process {rank} of {accelerator.num_processes}: first batch {captions}")
+        network.reduce_text_encoder_grads(accelerator)  # the UNet's are reduced by DDP
         if opt.max_grad_norm > 0:
             accelerator.clip_grad_norm_(params, opt.max_grad_norm)
-        lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        lrs = optim.effective_lrs(optimizer)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
         step += 1
 
-        # -- report
-        step_loss = loss_sum / accum
+        # -- report (with several processes: the mean of their losses)
+        step_loss = loss_sum / micro
+        if accelerator.num_processes > 1:
+            step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean").item())
         if not math.isfinite(step_loss):
             raise FloatingPointError(
                 f"the loss became {step_loss} at step {step}; lower optimizer.learning_rate or use fp32/bf16"
@@ -298,24 +446,87 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
         report.emit(
             "step",
             step=step,
-            total=tr.max_steps,
-            epoch=epoch,
+            total=total,
+            epoch=stream.epoch,
             loss=step_loss,
             loss_avg=loss_avg,
             lr=lrs,
             it_s=round(it_s, 4),
-            eta_s=round((tr.max_steps - step) / it_s, 1),
+            eta_s=round((total - step) / it_s, 1),
         )
-        if accelerator.is_main_process and (step % print_every == 0 or step in (1, tr.max_steps)):
+        if accelerator.is_main_process and (step % print_every == 0 or step in (1, total)):
             print(
-                f"step {step}/{tr.max_steps} epoch {epoch} loss {step_loss:.4f} avg {loss_avg:.4f} "
+                f"step {step}/{total} epoch {stream.epoch} loss {step_loss:.4f} avg {loss_avg:.4f} "
                 f"lr {lrs[0]:.3g} {it_s:.2f} it/s",
                 flush=True,
             )
-        if cfg.saving.every_n_steps and step % cfg.saving.every_n_steps == 0 and step < tr.max_steps:
-            save(step, epoch, final=False, state=cfg.saving.save_state)
 
-    save(step, epoch, final=True, state=stopped or cfg.saving.save_state)  # a stopped run is meant to go on
+        # -- samples, save and validate when due
+        if sampling.due(cfg.sampling, step, stream.epoch, stream.epoch_finished):
+            render_samples(step)
+        if step < total:
+            by_epoch = bool(sv.every_n_epochs) and stream.epoch_finished and stream.epoch % sv.every_n_epochs == 0
+            by_step = bool(sv.every_n_steps) and step % sv.every_n_steps == 0
+            if by_epoch or by_step:
+                save(step, final=False, state=sv.save_state, tag="epoch" if by_epoch else "step")
+        if (validate_every and step % validate_every == 0) or step == total:
+            validate(step)
+
+    save(step, final=True, state=stopped or sv.save_state)  # a stopped run is meant to go on
+    if accelerator.num_processes > 1:
+        same = len(set(distributed.digests(accelerator, params))) == 1
+        report.log(
+            f"the trained weights are {'identical' if same else 'DIFFERENT'} on the {accelerator.num_processes} "
+            "processes",
+            "info" if same else "error",
+        )
     accelerator.wait_for_everyone()
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        report.emit("metric", name="peak_vram_gib", value=round(peak, 3), step=step)
     report.log(f"{'stopped' if stopped else 'finished'} at step {step} in {time.time() - started_at:.1f} s")
     return 0
+
+
+def resume_state(
+    folder: Path,
+    accelerator: Accelerator,
+    gens: SeededGenerators,
+    ema: LoraEMA | None,
+    plan: progress.Plan,
+    report: Reporter,
+) -> StateInfo:
+    """Load a training state into the prepared model, optimizer, schedule and generators; say what
+    differs from the run that saved it (a resumed run is exact only with the same data, batch and processes)."""
+    info = StateInfo.read(folder)  # the pre-flight check made sure it is there and matches the network
+    accelerator.load_state(str(folder), strict=False)
+    report.log(
+        f"resumed from {folder} at step {info.step} (epoch {info.epoch}, {info.batches_done} of its "
+        f"{plan.batches_per_epoch} batches done)"
+    )
+    if not gens.noise_restored:
+        report.log(
+            f"the state has no noise generator for process {accelerator.process_index} (it was saved by "
+            f"{info.num_processes} process(es)): this process's noise starts afresh",
+            "warning",
+        )
+    if info.num_processes != accelerator.num_processes:
+        report.log(
+            f"the state was saved by {info.num_processes} process(es), this run has {accelerator.num_processes}",
+            "warning",
+        )
+    if info.steps_per_epoch and info.steps_per_epoch != plan.steps_per_epoch:
+        report.log(
+            f"an epoch was {info.steps_per_epoch} steps in the saved run and is {plan.steps_per_epoch} now (other "
+            "data, batch size or accumulation): the data order does not continue exactly",
+            "warning",
+        )
+    if info.total_steps and info.total_steps != plan.total_steps:
+        report.log(
+            f"the saved run was {info.total_steps} steps long, this one is {plan.total_steps}: the schedule "
+            "continues with the new length"
+        )
+    if ema is not None and not ema.load(folder):
+        ema.shadow = [p.detach().clone().float() for p in ema.params]
+        report.log("the state has no EMA: the average starts from the resumed weights", "warning")
+    return info

@@ -1,10 +1,11 @@
 """Saving the trained UNet LoRA as a kohya-format file that A1111, ComfyUI, Forge and diffusers load.
 
-Keys are sd-scripts' (`lora_unet_<module path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`),
-made by diffusers' `convert_state_dict_to_kohya` from the peft state dict. That function writes
-alpha = rank; the real network alpha is written instead, or the loaded LoRA would be scaled by dim/alpha
-wrongly (NOTES: "LoRA files the ecosystem loads"). The metadata is what sd-scripts writes (`ss_*`,
-`modelspec.*`, `sshs_*` hashes) so LoRA browsers and the webui's extra-networks panel show the run.
+Keys are sd-scripts' (`lora_unet_<module path with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`):
+`to_kohya_keys` names them per family — diffusers module paths and `lora_te_` for SD1.5/SD2, SGM paths
+(`lora_unet_input_blocks_4_1_…`, see `kohya_names`) and `lora_te1_`/`lora_te2_` for SDXL. Every `.alpha` is
+the real network alpha (diffusers' `convert_state_dict_to_kohya` writes the rank there, which would scale the
+loaded LoRA wrongly: NOTES, "LoRA files the ecosystem loads"). The metadata is what sd-scripts writes
+(`ss_*`, `modelspec.*`, `sshs_*` hashes) so LoRA browsers and the webui's extra-networks panel show the run.
 """
 
 from __future__ import annotations
@@ -14,31 +15,84 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
-from diffusers.utils import convert_state_dict_to_kohya
 from peft.utils import get_peft_model_state_dict
 
+from nyx_tui.config.fields import Family
 from nyx_tui.config.model import TrainingConfig
+from nyx_tui.families import base_model_version, modelspec_architecture
+from nyx_tui.trainers.native.kohya_names import SDXL_LAYOUT, UNetLayout, sgm_path
+from nyx_tui.trainers.native.loss_check import loss_metadata
 
 SAVE_DTYPES: dict[str, torch.dtype] = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"  # sd-scripts' for SDXL LoRAs
 
 
-def kohya_state_dict(unet: torch.nn.Module, alpha: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The UNet adapter's weights under kohya names, in `dtype`, with every `.alpha` = the real alpha."""
-    peft_sd = get_peft_model_state_dict(unet)
-    prefixed = {f"unet.{k}": v for k, v in peft_sd.items()}
-    kohya = convert_state_dict_to_kohya(prefixed)
+# peft's key parts → kohya's suffixes
+_PEFT_SUFFIXES = {"lora_A": "lora_down.weight", "lora_B": "lora_up.weight", "lora_magnitude_vector": "dora_scale"}
+_PEFT_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(unet|text_encoder_2|text_encoder)\.(.+?)"
+    r"\.(lora_A|lora_B|lora_magnitude_vector|alpha)(?:\.[^.]+)*$"
+)
+
+
+def _kohya_name(key: str, family: Family) -> tuple[str, str]:
+    """(kohya module name, suffix) of a key in kohya form (passed through) or in peft/diffusers form with a
+    `unet.` / `text_encoder.` / `text_encoder_2.` prefix (`unet.down_blocks.0….to_q.lora_A.weight`)."""
+    if key.startswith("lora_"):
+        name, _, suffix = key.partition(".")
+        return name, suffix
+    m = _PEFT_KEY.match(key)
+    if m is None:
+        raise ValueError(f"{key!r} is neither a kohya key (lora_unet_…, lora_te…) nor a prefixed peft key (unet.…)")
+    root, path, part = m.groups()
+    suffix = _PEFT_SUFFIXES.get(part, part)
+    if root == "unet":
+        return "lora_unet_" + path.replace(".", "_"), suffix
+    if not path.startswith("text_model."):  # transformers 5 dropped this level; the files keep it
+        path = f"text_model.{path}"
+    prefix = "lora_te2" if root == "text_encoder_2" else ("lora_te1" if family == Family.SDXL else "lora_te")
+    return f"{prefix}_{path.replace('.', '_')}", suffix
+
+
+def to_kohya_keys(
+    family: Family | str, state_dict: Mapping[str, torch.Tensor], unet_config: Mapping[str, Any] | None = None
+) -> dict[str, torch.Tensor]:
+    """A LoRA state dict under the names sd-scripts writes for `family`. Keys may come in kohya form with
+    diffusers module paths (`lora_unet_down_blocks_…`, `lora_te1_…`) or in peft form with the model part as
+    prefix (`unet.…lora_A.weight`, `text_encoder.…`, `text_encoder_2.…`; alphas are not in peft's dict, add
+    them). SD1.5/SD2 keep diffusers' module paths and `lora_te_`; SDXL's UNet modules get SGM names
+    (`lora_unet_input_blocks_4_1_…`, `kohya_names`) and its encoders `lora_te1_`/`lora_te2_`. The SGM
+    numbering follows `unet_config` (the UNet's config; default: SDXL's layout). Values are neither copied
+    nor reshaped (peft's DoRA magnitude needs kohya's layout from the caller)."""
+    family = Family(family)
+    layout = UNetLayout.from_config(unet_config) if unet_config is not None else SDXL_LAYOUT
     out: dict[str, torch.Tensor] = {}
-    for key, value in kohya.items():
-        if key.endswith(".alpha"):
-            out[key] = torch.tensor(alpha, dtype=dtype)  # the trap: the converter wrote the rank here
-        else:
-            out[key] = value.detach().to("cpu", dtype).contiguous()
+    for key, value in state_dict.items():
+        name, suffix = _kohya_name(key, family)
+        if family == Family.SDXL and name.startswith("lora_unet_"):
+            name = "lora_unet_" + sgm_path(name.removeprefix("lora_unet_"), layout, sep="_")
+        out[f"{name}.{suffix}"] = value
+    return out
+
+
+def kohya_state_dict(
+    unet: torch.nn.Module, alpha: float, dtype: torch.dtype, family: Family | str = Family.SD15
+) -> dict[str, torch.Tensor]:
+    """A peft UNet adapter's weights under kohya names (`to_kohya_keys`), in `dtype`, with every module's
+    `.alpha` = the real alpha (diffusers' own converter writes the rank there: the trap in NOTES)."""
+    peft_sd = get_peft_model_state_dict(unet)
+    config = getattr(unet, "config", None)
+    kohya = to_kohya_keys(family, {f"unet.{k}": v for k, v in peft_sd.items()}, config)
+    out = {key: value.detach().to("cpu", dtype).contiguous() for key, value in kohya.items()}
+    for module in {key.partition(".")[0] for key in kohya}:
+        out[f"{module}.alpha"] = torch.tensor(alpha, dtype=dtype)
     return out
 
 
@@ -64,10 +118,52 @@ def safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
 
 
 def _optimizer_name(cfg: TrainingConfig) -> str:
-    """sd-scripts' form: the class path and its non-default arguments."""
-    opt = cfg.optimizer
-    args = {"weight_decay": opt.weight_decay, "betas": tuple(opt.betas), "eps": opt.eps, **opt.args}
-    return "torch.optim.adamw.AdamW(" + ",".join(f"{k}={v}" for k, v in args.items()) + ")"
+    """sd-scripts' form: the class path and its arguments (torch-free, from the optimizer module's table)."""
+    from nyx_tui.trainers.native.optim import metadata_name
+
+    return metadata_name(cfg.optimizer)
+
+
+def _numbers(values: list[int] | list[float]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+def network_module_args(cfg: TrainingConfig) -> tuple[str, dict[str, str]]:
+    """sd-scripts' `network_module` and `network_args` (strings, as its command line takes them) that describe
+    the trained network: `networks.lora` for LoRA (with conv_dim for LoRA on convolutions, block-wise lists),
+    `lycoris.kohya` with its `algo` for LoCon/LoHa/LoKr, and for DoRA (LyCORIS' `algo=lora` + `dora_wd`, the
+    form whose `dora_scale` layout the file has)."""
+    net = cfg.network
+    kind = net.kind.value
+    args: dict[str, str] = {}
+    lycoris = kind != "lora"
+    if lycoris:
+        args["algo"] = "lora" if kind == "dora" else kind
+        if kind == "dora":
+            args["dora_wd"] = "True"
+            args["wd_on_output"] = "True"
+    conv_dim = net.conv_dim if net.conv_dim is not None else (net.dim if kind in ("locon", "loha", "lokr") else 0)
+    if conv_dim or net.conv_block_dims is not None:
+        args["conv_dim"] = str(conv_dim)
+        args["conv_alpha"] = f"{net.conv_alpha if net.conv_alpha is not None else net.alpha:g}"
+    if lycoris:
+        args["dropout"] = f"{net.dropout:g}"
+    for name in ("rank_dropout", "module_dropout"):
+        if getattr(net, name):
+            args[name] = f"{getattr(net, name):g}"
+    if kind == "lokr" and net.lokr_factor is not None:
+        args["factor"] = str(net.lokr_factor)
+    for name in ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"):
+        if getattr(net, name) is not None:
+            args[name] = _numbers(getattr(net, name))
+    weights = net.block_lr_weights
+    if weights is not None:  # sd-scripts' three lists (sdxl: its first and last blocks stay at 1)
+        n, mid = (12, 1) if len(weights) == 25 else (9, 3)
+        start = 0 if len(weights) == 25 else 1
+        args["down_lr_weight"] = _numbers(weights[start : start + n])
+        args["mid_lr_weight"] = _numbers(weights[start + n : start + n + mid])
+        args["up_lr_weight"] = _numbers(weights[start + n + mid : start + 2 * n + mid])
+    return ("lycoris.kohya" if lycoris else "networks.lora"), args
 
 
 def build_metadata(
@@ -81,26 +177,37 @@ def build_metadata(
     prediction_type: str,
     epoch: int,
     num_epochs: int,
+    max_train_steps: int | None = None,
 ) -> dict[str, str]:
-    """sd-scripts' LoRA metadata for an SD1.5 UNet LoRA: every value a string (safetensors requires it)."""
+    """sd-scripts' LoRA metadata for the family's LoRA: every value a string (safetensors requires it). SD2 sets
+    `ss_v2` and, with v-prediction, `ss_v_parameterization` (which sd-scripts takes as an argument but does
+    not write: some readers look for it; the base model version `sd_v2_v` says it too); SDXL LoRAs name
+    Stability's generative-models as their implementation, as sd-scripts' do."""
     now = dt.datetime.now().timestamp()
     res = cfg.dataset.resolution
+    module, network_args = network_module_args(cfg)
     meta: dict[str, Any] = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": module,
+        "ss_network_args": json.dumps(network_args) if network_args else None,
         "ss_network_dim": cfg.network.dim,
         "ss_network_alpha": cfg.network.alpha,
         "ss_network_dropout": cfg.network.dropout,
-        "ss_network_train_unet_only": True,
-        "ss_network_train_text_encoder_only": False,
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": False,
+        "ss_network_train_unet_only": not cfg.network.train_text_encoder,
+        "ss_network_train_text_encoder_only": not cfg.network.train_unet,
+        "ss_text_encoder_lr": (cfg.network.text_encoder_lr or cfg.optimizer.learning_rate)
+        if cfg.network.train_text_encoder
+        else None,
+        "ss_base_model_version": base_model_version(cfg.model.family, prediction_type),
+        "ss_v2": cfg.model.family == Family.SD2,
+        "ss_v_parameterization": prediction_type == "v_prediction",
+        "ss_max_token_length": cfg.dataset.max_token_length if cfg.dataset.max_token_length != 75 else None,
         "ss_output_name": cfg.saving.output_name,
         "ss_training_started_at": started_at,
         "ss_training_finished_at": now,
         "ss_steps": step,
         "ss_epoch": epoch,
         "ss_num_epochs": num_epochs,
-        "ss_max_train_steps": cfg.training.max_steps,
+        "ss_max_train_steps": max_train_steps or cfg.training.max_steps,  # the run's steps (epochs decide too)
         "ss_learning_rate": cfg.optimizer.learning_rate,
         "ss_unet_lr": cfg.optimizer.learning_rate,
         "ss_lr_scheduler": cfg.scheduler.type.value,
@@ -115,6 +222,7 @@ def build_metadata(
         "ss_num_train_images": num_train_images,
         "ss_mixed_precision": mixed_precision,
         "ss_noise_offset": cfg.training.noise_offset,
+        **loss_metadata(cfg.training),  # the other noise and loss options, under sd-scripts' keys
         "ss_caption_extension": cfg.dataset.caption_extension,
         "ss_shuffle_caption": cfg.dataset.shuffle_caption,
         "ss_keep_tokens": cfg.dataset.keep_tokens,
@@ -124,8 +232,8 @@ def build_metadata(
         "ss_sd_model_name": Path(cfg.model.pretrained).name,
         "ss_training_comment": cfg.saving.description,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "diffusers",
+        "modelspec.architecture": modelspec_architecture(cfg.model.family, prediction_type),
+        "modelspec.implementation": SGM_IMPLEMENTATION if cfg.model.family == Family.SDXL else "diffusers",
         "modelspec.title": cfg.saving.title or cfg.saving.output_name,
         "modelspec.author": cfg.saving.author,
         "modelspec.description": cfg.saving.description,
