@@ -296,10 +296,11 @@ def test_preflight_model_sources(tmp_path: Path) -> None:
     ckpt.write_bytes(b"x")
     not_model = tmp_path / "folder"
     not_model.mkdir()
-    wrong_file = tmp_path / "m.bin"
+    wrong_file = tmp_path / "m.onnx"
     wrong_file.write_bytes(b"x")
     assert preflight(_cfg(ckpt, images)) == []
-    assert preflight(_cfg("owner/some-model", images)) == []
+    (not_cached,) = preflight(_cfg("owner/some-model", images))  # training reads the HF cache only
+    assert not_cached.severity == "warning" and "hf download owner/some-model" in not_cached.fix
     for bad in ("", str(tmp_path / "missing"), str(not_model), str(wrong_file)):
         problems = preflight(_cfg(bad, images))
         assert [p.field for p in problems] == ["model.pretrained"], (bad, problems)

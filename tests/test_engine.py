@@ -9,6 +9,7 @@ fixed seed.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import tomllib
@@ -24,6 +25,8 @@ from nyx_tui.config.model import TrainingConfig
 from nyx_tui.jobs.events import read_events
 from nyx_tui.jobs.jobdir import JobDir, create_job
 from nyx_tui.trainers.base import NativeTrainer
+
+torch = pytest.importorskip("torch")
 
 PRESET = Path(nyx_tui.config.__file__).parent / "presets" / "demo-tiny-cpu.toml"
 EMA_DECAY = 0.8
@@ -304,3 +307,51 @@ def test_two_processes_train_one_lora(assets: dict[str, Path], tmp_path: Path) -
     state = job.output_dir / "demo-state"
     assert {"random_states_0.pkl", "random_states_1.pkl", "nyx_state.json"} <= {p.name for p in state.iterdir()}
     assert json.loads((state / "nyx_state.json").read_text())["num_processes"] == 2
+
+
+@pytest.mark.slow
+def test_full_bf16_trains_bf16_weights(assets: dict[str, Path], tmp_path: Path) -> None:
+    """training.full_bf16: the LoRA weights (and so their optimizer state) are bf16; on the CPU the run has
+    no autocast, so everything, the frozen model too, computes in bf16. The loss stays finite, the LoRA
+    moves and is saved at the requested precision."""
+    cfg = make_config(
+        assets, training={"max_steps": 4, "mixed_precision": "bf16", "full_bf16": True}, saving={"save_state": True}
+    )
+    job = start_job(tmp_path, cfg)
+    assert all(math.isfinite(v) for v in losses_of(job).values()) and len(losses_of(job)) == 4
+    lora = load(saved(job, "lora")[-1])
+    assert {t.dtype for t in lora.values()} == {torch.float32}  # saving.precision = "float"
+    assert any(float(t.abs().max()) > 0 for k, t in lora.items() if "lora_up" in k)  # trained (up starts at 0)
+    (state,) = saved(job, "state")
+    weights = load(state / "model.safetensors")
+    assert weights and {t.dtype for t in weights.values()} == {torch.bfloat16}
+
+
+def test_full_bf16_needs_bf16_mixed_precision() -> None:
+    from nyx_tui.trainers.native.loss_check import loss_problems
+
+    cfg = TrainingConfig.model_validate({"training": {"full_bf16": True, "mixed_precision": "fp16"}})
+    (problem,) = [p for p in loss_problems(cfg) if p.field == "training.full_bf16"]
+    assert problem.is_error and 'mixed_precision = "bf16"' in problem.fix
+    ok = TrainingConfig.model_validate({"training": {"full_bf16": True, "mixed_precision": "bf16"}})
+    assert not [p for p in loss_problems(ok) if p.field == "training.full_bf16"]
+
+
+@pytest.mark.slow
+def test_a_resume_with_a_new_learning_rate_uses_it(
+    run_a: JobDir, assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The state restores the old learning rates (optimizer groups, LambdaLR's base_lrs); the engine puts
+    the config's back at the loaded step of the schedule: double the lr, double every resumed step's lr."""
+    (state,) = [p for p in saved(run_a, "state") if p.name == "demo-step000004-state"]
+    lr = make_config(assets, **RUN_A).optimizer.learning_rate
+    cfg = make_config(
+        assets,
+        **{**RUN_A, "training": {**RUN_A["training"], "resume": str(state)}, "optimizer": {"learning_rate": 2 * lr}},
+    )
+    run_c = start_job(tmp_path_factory.mktemp("c"), cfg)
+    lrs_a = {e["step"]: e["lr"] for e in events_of(run_a, "step")}
+    lrs_c = {e["step"]: e["lr"] for e in events_of(run_c, "step")}
+    assert sorted(lrs_c) == list(range(5, 11))
+    for step, got in lrs_c.items():
+        assert got == pytest.approx([2 * x for x in lrs_a[step]], rel=1e-9), step

@@ -598,9 +598,12 @@ def test_preflight_is_quiet_when_nothing_can_be_told(tmp_path: Path, monkeypatch
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"\x80\x02pickle")
     odd = st_file(tmp_path / "odd.safetensors", keys("some.weight"))
-    for pretrained in ("stabilityai/stable-diffusion-xl-base-1.0", ckpt, odd):
+    for pretrained in (ckpt, odd):
         for family in ("sd15", "sdxl", "flux"):
             assert _check(tmp_path, family=family, pretrained=pretrained) == [], (pretrained, family)
+    for family in ("sd15", "sdxl", "flux"):  # a repo id not in the cache: only that it must be downloaded first
+        (problem,) = _check(tmp_path, family=family, pretrained="stabilityai/stable-diffusion-xl-base-1.0")
+        assert problem.severity == "warning" and "not in the local Hugging Face cache" in problem.message
 
 
 def _family_errors(problems: list[Any]) -> list[Any]:

@@ -19,10 +19,28 @@ from nyx_tui.config.model import TrainingConfig
 from nyx_tui.families import Kind, called, defaults, describe, detect, vae_families
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
-CHECKPOINT_EXTENSIONS: frozenset[str] = frozenset({".safetensors", ".ckpt"})
+# what the native loader opens (pickles only through torch.load(weights_only=True))
+CHECKPOINT_EXTENSIONS: frozenset[str] = frozenset({".safetensors", ".ckpt", ".pt", ".pth", ".bin"})
 
 _SUBSET_TOML = '[[dataset.subsets]]\nimage_dir = "./images"   # a folder of images with .txt captions beside them'
 _MODEL_EXAMPLE = '"stable-diffusion-v1-5/stable-diffusion-v1-5"'
+
+
+def _repo_problems(key: str, repo: str) -> list[Problem]:
+    """A Hugging Face repo id is read from the local cache only (training never downloads): say so before
+    the job starts when it is not there. A warning, since a file-less check cannot see every cache layout."""
+    from nyx_tui.families import REPO_NOT_CHECKED
+
+    if detect(repo).reason != REPO_NOT_CHECKED:
+        return []
+    return [
+        Problem(
+            key,
+            f"{repo} is not in the local Hugging Face cache, and training does not download",
+            f"download it first: hf download {repo} (HF_TOKEN for a gated model), or give a local folder or file",
+            severity="warning",
+        )
+    ]
 
 
 @dataclass
@@ -144,7 +162,7 @@ def _check_model_source(key: str, value: str, *, required: bool) -> list[Problem
     path = Path(value)
     if not _safe(path.exists):
         if looks_like_repo_id(value):
-            return []  # a hub id; whether it exists is the download's business
+            return _repo_problems(key, value)
         return [
             Problem(
                 key,
@@ -268,6 +286,9 @@ def preflight(cfg: TrainingConfig) -> list[Problem]:
     from nyx_tui.trainers.native.loss_check import loss_problems  # torch-free, like data_check
 
     problems += loss_problems(cfg)
+    from nyx_tui.trainers.native.init_check import weights_problems  # torch-free: network.weights' file
+
+    problems += weights_problems(cfg)
     problems += _check_output(cfg)
     from nyx_tui.config.prompts import prompt_problems
 

@@ -568,6 +568,18 @@ class NetworkSection(_Section):
         families=UNET_FAMILIES,
         kohya="network_args.down_lr_weight/mid_lr_weight/up_lr_weight",
     )
+    weights: str | None = param(
+        None,
+        description="A kohya-format LoRA (.safetensors) whose weights the adapter starts from instead of a fresh "
+        "init, to continue training it (the optimizer and schedule start anew; training.resume continues a "
+        "whole run). It must be a LoRA of model.family with the same kind, dim, alpha and modules as this "
+        "network section (the pre-flight says which setting differs).",
+        group="network",
+        advanced=True,
+        kohya="network_weights",
+        path=True,
+        example="./output/my-lora.safetensors",
+    )
 
     @field_validator("block_dims", "conv_block_dims")
     @classmethod
@@ -768,6 +780,14 @@ class TrainingSection(_Section):
         description="Compute precision: no (fp32), fp16 or bf16 (GPU only).",
         group="training",
         kohya="mixed_precision",
+    )
+    full_bf16: bool = param(
+        False,
+        description="Keep the LoRA weights, their gradients and the optimizer state in bf16 too, not only the "
+        "frozen model (with mixed_precision = bf16): less VRAM, a little less precise.",
+        group="training",
+        advanced=True,
+        kohya="full_bf16",
     )
     gradient_checkpointing: bool = param(
         False,

@@ -1,4 +1,4 @@
-"""The native training loop for SD1.5-family LoRAs: load, then step, report, obey commands, save.
+"""The native training loop for SD1.5, SD2 and SDXL LoRAs: load, then step, report, obey commands, save.
 
 One function, `train`, reads top to bottom like nanoGPT's loop: build the data (and the validation split),
 load the model, add the adapter, make the optimizer and schedule, resume a saved state if asked, then per
@@ -117,7 +117,9 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
     cuda = torch.cuda.is_available()
     mixed = tr.mixed_precision.value
     if not cuda and mixed != "no":
-        mixed_note = f"mixed_precision = {mixed!r} needs a GPU; training in fp32 on the CPU"
+        mixed_note = f"mixed_precision = {mixed!r} needs a GPU; training in fp32 on the CPU" + (
+            " (with full_bf16: in bf16, without autocast)" if tr.full_bf16 else ""
+        )
         mixed = "no"
     else:
         mixed_note = ""
@@ -127,6 +129,8 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
         report.log(mixed_note, "warning")
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
+    if tr.full_bf16:  # the pre-flight made sure mixed_precision is bf16; on the CPU it runs without autocast
+        weight_dtype = torch.bfloat16
     report.log(
         f"device {device}, {torch.get_num_threads()} CPU threads, precision {mixed}, "
         f"{accelerator.num_processes} process(es)"
@@ -202,7 +206,15 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
     report.stage(3)
     seed_everything(tr.seed)
     network = networks.attach(model, cfg)
+    if cfg.network.weights:  # start from a LoRA file's weights (a resumed state's are loaded over them later)
+        from nyx_tui.trainers.native import init_weights
+
+        for message, level in init_weights.load_into(network, Path(cfg.network.weights)):
+            report.log(message, level)
     params = network.params
+    if tr.full_bf16:  # the trained weights too: their gradients and the optimizer state follow their dtype
+        for p in params:
+            p.data = p.data.to(torch.bfloat16)
     if tr.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     network.train()  # the parts with adapters train (UNet, text encoders if trained); frozen ones stay in eval
@@ -221,7 +233,9 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
     # ---------------------------------------------------------------- resume
     step, start_epoch, batches_done = 0, 1, 0
     if tr.resume:
+        config_lrs = [float(lr) for lr in lr_scheduler.base_lrs]
         info = resume_state(Path(tr.resume), accelerator, gens, ema, plan, report)
+        optim.use_config_lrs(optimizer, lr_scheduler, config_lrs)  # a changed learning rate applies
         step, start_epoch, batches_done = info.step, info.epoch, info.batches_done
     optim.train_mode(optimizer)  # a no-op: states are saved in train mode (older ones may not be)
     accum = tr.gradient_accumulation_steps

@@ -35,6 +35,12 @@ def loss_problems(cfg: TrainingConfig) -> list[Problem]:
     def add(key: str, message: str, fix: str, severity: Severity = "error") -> None:
         out.append(Problem(f"training.{key}", message, fix, severity=severity))
 
+    if tr.full_bf16 and tr.mixed_precision.value != "bf16":
+        add(
+            "full_bf16",
+            f"keeps the trained weights in bf16, and training.mixed_precision is {tr.mixed_precision.value!r}",
+            'set training.mixed_precision = "bf16", or full_bf16 = false',
+        )
     if tr.min_timestep >= tr.max_timestep:
         add(
             "min_timestep",

@@ -359,7 +359,7 @@ def build_scheduler(
     sched: SchedulerSection, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """A LambdaLR stepping once per optimizer step; each group follows its own base lr times `schedule_factor`.
-    Checkpointing keeps its step count only: a resumed run follows the schedule of the config it runs with."""
+    A loaded state restores the old learning rates with the step count: `use_config_lrs` puts the config's back."""
     from torch.optim.lr_scheduler import LambdaLR
 
     if total_steps <= 0:
@@ -375,6 +375,20 @@ def build_scheduler(
 
     lr_lambda: Callable[[int], float] = factor
     return LambdaLR(_unwrap(optimizer), lr_lambda)
+
+
+def use_config_lrs(optimizer: Any, scheduler: Any, base_lrs: list[float]) -> None:
+    """After a training state was loaded: the learning rates of the config this run was started with, at the
+    loaded step of the schedule. (Loading restores the saved run's: the optimizer's param groups carry `lr`
+    and `initial_lr`, and LambdaLR's state its `base_lrs`; a resume with a changed learning_rate,
+    text_encoder_lr or block_lr_weights would otherwise silently keep the old ones.)"""
+    inner = _unwrap(optimizer)
+    scheduler.base_lrs = list(base_lrs)
+    step = scheduler.last_epoch
+    for group, base, factor in zip(inner.param_groups, base_lrs, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(step)
+    scheduler._last_lr = [group["lr"] for group in inner.param_groups]
 
 
 # ------------------------------------------------------------------------------------------- pre-flight
