@@ -156,6 +156,34 @@ def test_random_crop_and_flip_report_where_the_crop_is(tmp_path: Path) -> None:
     assert len(seen) > 10
 
 
+def test_exif_orientation_is_honored(tmp_path: Path) -> None:
+    """A phone photo stored sideways (96x48 pixels, EXIF orientation 6: turn 90° clockwise) trains upright:
+    its bucket is tall, and the training pixels are the turned picture (its red left half ends up on top)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    stored = Image.new("RGB", (96, 48), "blue")
+    stored.paste((255, 0, 0), (0, 0, 48, 48))  # the left half is red
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(folder / "phone.jpg", exif=exif.tobytes(), quality=95)
+    (folder / "phone.txt").write_text("x")
+    assert data.image_size(folder / "phone.jpg") == (48, 96)
+    cfg = section(
+        resolution=64,
+        enable_bucket=True,
+        min_bucket_reso=32,
+        bucket_reso_steps=32,
+        subsets=[{"image_dir": str(folder)}],
+    )
+    (item,) = data.scan(cfg)
+    assert item.geometry is not None and item.geometry.target[0] < item.geometry.target[1]  # tall
+    pixels = data.ImageCaptionDataset([item], cfg)[(0, 0)]["pixels"]  # [3, h, w] in [-1, 1]
+    h = pixels.shape[1]
+    top, bottom = pixels[:, : h // 4].mean(dim=(1, 2)), pixels[:, -h // 4 :].mean(dim=(1, 2))
+    assert top[0] > 0.5 and top[2] < -0.5  # red on top
+    assert bottom[2] > 0.5 and bottom[0] < -0.5  # blue below
+
+
 # ----------------------------------------------------------------------------- folders and repeats
 
 

@@ -141,6 +141,38 @@ def test_a_directly_started_gpu_job_holds_a_slot(nyx_home: Path) -> None:
         os.close(fd)
 
 
+def test_a_multi_gpu_job_waits_for_enough_gpus_and_holds_them_all(
+    nyx_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gpus: 2` (training.num_processes = 2): not started while one GPU is busy; started on both once they
+    are free, and then counted as holding both."""
+    busy = create_job("train", "busy", [sys.executable, "-c", "pass"], extra={"resource": "gpu"})
+    fd = busy.try_lock()
+    assert fd is not None
+    busy.write_status(state="running", gpu_slot="0")
+    two = create_job("train", "two", [sys.executable, "-c", "pass"], extra={"queue": True, "gpus": 2})
+    Queue().add(two)
+    started: list[tuple[str, str | None]] = []
+    monkeypatch.setattr(Scheduler, "_start", lambda self, job, slot: started.append((job.id, slot)) or True)
+    sched = Scheduler(slots=["0", "1"], cpu_limit=1)
+    try:
+        assert sched.occupancy() == (["1"], 0)
+        sched.tick()
+        assert started == []  # one free GPU is not enough
+    finally:
+        busy.write_status(state="finished")
+        os.close(fd)
+    sched.tick()
+    assert started == [(two.id, "0,1")]
+    two_fd = two.try_lock()
+    assert two_fd is not None
+    try:
+        two.write_status(state="running", gpu_slot="0,1")
+        assert Scheduler(slots=["0", "1", "2"], cpu_limit=1).occupancy() == (["2"], 0)
+    finally:
+        os.close(two_fd)
+
+
 def test_cancel_queued_refuses_a_job_a_supervisor_holds(nyx_home: Path) -> None:
     job = create_job("tag", "held", [sys.executable, "-c", "pass"], extra={"queue": True})
     Queue().add(job)

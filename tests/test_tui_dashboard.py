@@ -193,6 +193,24 @@ def test_replay_shows_step_and_loss(monkeypatch: pytest.MonkeyPatch) -> None:
     os.close(fd or -1)
 
 
+def test_header_shows_the_latest_validation_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    job, w, fd = make_job(monkeypatch, "val", running=True)
+    clock = T()
+    emit(w, clock, "start", job="j", job_kind="train", total_steps=400)
+    emit_steps(w, clock, 1, 20)
+    emit(w, clock, "metric", name="val_loss", value=0.2345, step=10)
+    emit(w, clock, "metric", name="val_loss", value=0.1234, step=20)
+
+    async def run() -> None:
+        app = HostApp(job.id)
+        async with app.run_test(size=(140, 36)) as pilot:
+            screen = await settle(pilot)
+            assert "val 0.1234@20" in header(screen)
+
+    asyncio.run(run())
+    os.close(fd or -1)
+
+
 def test_live_follow_and_end(monkeypatch: pytest.MonkeyPatch) -> None:
     job, w, fd = make_job(monkeypatch, "live", running=True)
     clock = T()

@@ -9,7 +9,9 @@ Slots. A GPU job gets one GPU to itself: its worker sees only that one (`CUDA_VI
 status.json records it (`gpu_slot`). The GPUs are `NYX_GPUS` (`0,1`; `none` for a CPU box), else the
 scheduler's own `CUDA_VISIBLE_DEVICES`, else every GPU NVML reports; without any there is one slot, so
 jobs still run one at a time. A GPU job started directly (`nyx train` without `--queue`) holds a slot
-too. CPU jobs (downloads) run beside them, up to `Settings.queue_cpu_jobs` at once.
+too. A training run with several processes (`training.num_processes`) waits for that many free GPUs and
+gets them all (`CUDA_VISIBLE_DEVICES=0,1`). CPU jobs (downloads) run beside them, up to
+`Settings.queue_cpu_jobs` at once.
 """
 
 from __future__ import annotations
@@ -90,6 +92,15 @@ def gpu_slots() -> list[str]:
     return ids or [CPU_SLOT]
 
 
+def gpus_of(spec: dict[str, Any]) -> int:
+    """How many GPUs a job wants at once: a training run with several processes (`training.num_processes`,
+    recorded as `gpus` in its spec) one per process; everything else one."""
+    try:
+        return max(1, int(spec.get("gpus", 1)))
+    except (TypeError, ValueError):
+        return 1
+
+
 def _say(message: str) -> None:
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} nyx scheduler: {message}", file=sys.stderr, flush=True)
 
@@ -129,7 +140,11 @@ class Scheduler:
             if state not in ACTIVE or not job.supervisor_alive():
                 continue  # queued, or lost (the next `nyx jobs` records it)
             if resource_of(self._spec(job)) == "gpu":
-                taken.append(status.get("gpu_slot"))
+                slot = status.get("gpu_slot")
+                if isinstance(slot, str) and slot:
+                    taken.extend(slot.split(","))  # a multi-GPU job holds several: "0,1"
+                else:
+                    taken.extend([None] * gpus_of(self._spec(job)))
             else:
                 cpu += 1
         free = [s for s in self.slots if s not in taken]
@@ -146,8 +161,9 @@ class Scheduler:
         free, cpu = self.occupancy()
         for entry, job in waiting:
             if entry.resource == "gpu":
-                if free and self._start(job, free[0]):
-                    free.pop(0)
+                want = min(gpus_of(self._spec(job)), len(self.slots))  # never more than the machine has
+                if len(free) >= want and self._start(job, ",".join(free[:want])):
+                    del free[:want]
             elif cpu < self.cpu_limit and self._start(job, None):
                 cpu += 1
         return True
@@ -163,7 +179,8 @@ class Scheduler:
         finally:
             os.close(fd)
         env = {"CUDA_VISIBLE_DEVICES": slot} if slot not in (None, CPU_SLOT) else {}
-        where = f"GPU {slot} (CUDA_VISIBLE_DEVICES={slot})" if env else ("the CPU slot" if slot else "a CPU slot")
+        gpus = "GPUs" if slot and "," in slot else "GPU"
+        where = f"{gpus} {slot} (CUDA_VISIBLE_DEVICES={slot})" if env else ("the CPU slot" if slot else "a CPU slot")
         with EventWriter(job.events_path) as events:
             events.log(f"started from the queue on {where}")
         spawn_supervisor(job, env)

@@ -55,6 +55,9 @@ CUDA_OOM_HINT = (
     "the GPU ran out of memory: lower training.batch_size, enable training.gradient_checkpointing, lower "
     "the resolution, or (Flux/SD3) swap blocks to the CPU; a smaller network dim helps a little."
 )
+CUDA_OOM_HINT_MODEL = (
+    "the GPU ran out of memory: lower --batch-size, or run it while no training job holds the GPU."
+)
 NO_LORA_HINT = (
     "the trainer ended normally but never saved a LoRA; read output.log. sd-scripts exits 0 after "
     "'No data found' when a dataset folder is empty or lacks its `N_name` repeats prefix."
@@ -356,7 +359,8 @@ class Supervisor:
         else:
             error = f"worker exited with code {returncode}"
         if any(_CUDA_OOM.search(line) for line in lines):
-            error, hint = "CUDA out of memory", CUDA_OOM_HINT
+            error = "CUDA out of memory"
+            hint = CUDA_OOM_HINT if self.spec.get("kind", "train") == "train" else CUDA_OOM_HINT_MODEL
         self._end(state="failed", error=error, hint=hint, last_lines=lines, **fields)
 
     def _end(self, state: str, **fields: Any) -> None:

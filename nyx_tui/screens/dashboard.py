@@ -407,6 +407,9 @@ class DashboardScreen(Screen[None]):
             parts.append(f"loss {s.loss:.4f}")
         if s.loss_avg is not None:
             parts.append(f"avg {s.loss_avg:.4f}")
+        if "val_loss" in s.metrics:  # the held-out images' loss (dataset.validation_split), when it was measured
+            val_step, val = s.metrics["val_loss"]
+            parts.append(f"val {val:.4f}@{val_step}")
         if s.it_s is not None:
             parts.append(f"{s.it_s:.2f} it/s")
         if not s.ended:

@@ -113,7 +113,7 @@ def create_training_job(cfg: TrainingConfig, queue: bool = False) -> JobDir:
     if trainer is None:
         raise ValueError(f"no trainer for backend {cfg.backend.name.value!r}")
     name = f"{cfg.model.family.value}-{cfg.saving.output_name}"
-    extra: dict[str, object] = {"backend": trainer.name, "resource": "gpu"}
+    extra: dict[str, object] = {"backend": trainer.name, "resource": "gpu", "gpus": cfg.training.num_processes}
     if queue:
         extra["queue"] = True
     return create_job("train", name, argv=trainer.argv(cfg), config_toml=dumps_config(cfg), extra=extra)

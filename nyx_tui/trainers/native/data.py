@@ -22,6 +22,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Hashable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from nyx_tui.config.model import DatasetSection
 from nyx_tui.trainers.native import subsets
@@ -65,10 +66,26 @@ def split_tags(caption: str) -> list[str]:
     return [t.strip() for t in caption.split(",") if t.strip()]
 
 
+ORIENTATION = 0x0112  # the EXIF tag; 5–8 turn the picture by 90°, so width and height swap
+
+
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file's header, without decoding the pixels."""
+    """(width, height) as the picture is seen (EXIF orientation applied), from the header, without decoding
+    the pixels. A phone photo is stored sideways with orientation 6: it trains upright."""
     with Image.open(path) as im:
-        return im.size
+        w, h = im.size
+        return (h, w) if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
+
+
+@contextmanager
+def open_image(path: Path) -> Iterator[Image.Image]:
+    """The decoded image, turned as its EXIF orientation says (a copy only when it needs turning)."""
+    with Image.open(path) as im:
+        im.load()
+        if im.getexif().get(ORIENTATION, 1) in (1, None):
+            yield im
+        else:
+            yield ImageOps.exif_transpose(im)
 
 
 def scan(cfg: DatasetSection) -> list[Item]:
@@ -205,7 +222,7 @@ def alpha_mask(img: Image.Image, geo: Geometry, crop: tuple[int, int], flip: boo
 def load_pixels(item: Item, crop: tuple[int, int], flip: bool, resolution: int) -> torch.Tensor:
     """The item's image as the training input (no colour jitter): the latent cache encodes these."""
     geo = item.geometry or square_geometry(image_size(item.image), resolution)
-    with Image.open(item.image) as im:
+    with open_image(item.image) as im:
         return to_pixels(fit(im.convert("RGB"), geo, crop, flip))
 
 
@@ -243,8 +260,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset[dict[str, Any]]):
         flip = cfg.flip_aug and rng.random() < 0.5
         out: dict[str, Any] = {}
         if self.pixels or self.masks:
-            with Image.open(item.image) as im:
-                im.load()
+            with open_image(item.image) as im:
                 if self.pixels:
                     img = fit(im.convert("RGB"), geo, crop, flip)
                     if cfg.color_aug:
