@@ -25,7 +25,7 @@ from nyx_tui.jobs.events import EventTail, EventWriter, read_events
 from nyx_tui.jobs.jobdir import TERMINAL, JobDir, create_job
 from nyx_tui.jobs.launch import spawn_supervisor, supervisor_env, wait_started
 from nyx_tui.jobs.store import COLUMNS, LOST_ERROR, Store, job_summary
-from nyx_tui.jobs.supervisor import CUDA_OOM_HINT, OOM_KILL_HINT, OutputTail
+from nyx_tui.jobs.supervisor import CUDA_OOM_HINT, CUDA_OOM_HINT_MODEL, OOM_KILL_HINT, OutputTail
 
 
 def _job(code: str, kind: str = "tag", **extra: Any) -> JobDir:
@@ -129,16 +129,21 @@ def test_an_unexpected_sigkill_fails_with_the_oom_killer_hint(nyx_home: Path) ->
     assert job.status()["signal"] == "SIGKILL"
 
 
-def test_cuda_oom_gets_its_hint(nyx_home: Path) -> None:
-    job = _job("""
+@pytest.mark.parametrize(("kind", "hint"), [("train", CUDA_OOM_HINT), ("tag", CUDA_OOM_HINT_MODEL)])
+def test_cuda_oom_gets_its_hint(nyx_home: Path, kind: str, hint: str) -> None:
+    """Training gets the training advice (batch, checkpointing, resolution); a tagger or captioner its own."""
+    job = _job(
+        """
         import sys
         print("Traceback (most recent call last):")
         print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
         sys.exit(1)
-    """)
+    """,
+        kind=kind,
+    )
     end = _run(job)
     assert end["state"] == "failed" and end["exit_code"] == 1
-    assert end["error"] == "CUDA out of memory" and end["hint"] == CUDA_OOM_HINT
+    assert end["error"] == "CUDA out of memory" and end["hint"] == hint
 
 
 def test_a_missing_executable_fails_with_that_message(nyx_home: Path) -> None:
