@@ -46,7 +46,7 @@ from nyx_tui.themes import DEFAULT_THEME, NO_COLOR_THEME, load_themes
 if TYPE_CHECKING:
     from nyx_tui.config.model import TrainingConfig
 
-MODE_TITLES = {"home": "Jobs", "config": "Config", "train": "Dashboard"}
+MODE_TITLES = {"home": "Jobs", "config": "Config", "train": "Dashboard", "datasets": "Datasets", "tags": "Tags"}
 STDIN_CHECK_S = 1.0
 EOF_CHECKS = 3  # readable-but-empty this many checks in a row = EOF (one could be a race with a read)
 HANGUP_GRACE_S = 5.0
@@ -82,10 +82,31 @@ def make_dashboard_screen(job_id: str | None = None) -> Screen[Any]:
     return DashboardScreen(job_id=job_id)
 
 
+def make_datasets_screen() -> Screen[Any]:
+    try:
+        from nyx_tui.screens.datasets import DatasetsScreen
+    except ImportError as e:
+        return Unavailable("datasets", e)
+    return DatasetsScreen()
+
+
+def make_tags_screen() -> Screen[Any]:
+    try:
+        from nyx_tui.screens.tags import TagsScreen
+    except ImportError as e:
+        return Unavailable("tags", e)
+    return TagsScreen()
+
+
 def known_binding_ids() -> set[str]:
     """Every binding id declared by a loaded Textual class (the app, every screen and widget), so a
     keymap entry that matches none can be reported instead of silently doing nothing."""
-    for module in ("nyx_tui.screens.config", "nyx_tui.screens.dashboard"):
+    for module in (
+        "nyx_tui.screens.config",
+        "nyx_tui.screens.dashboard",
+        "nyx_tui.screens.datasets",
+        "nyx_tui.screens.tags",
+    ):
         with contextlib.suppress(ImportError):
             __import__(module)
     ids: set[str] = set()
@@ -150,6 +171,8 @@ class NyxApp(App[None]):
         "home": HomeScreen,
         "config": make_config_screen,
         "train": make_dashboard_screen,
+        "datasets": make_datasets_screen,
+        "tags": make_tags_screen,
     }
     DEFAULT_MODE = "home"
     COMMANDS = App.COMMANDS | {NyxCommands}
@@ -157,6 +180,8 @@ class NyxApp(App[None]):
         Binding("1", "switch_mode('home')", "Jobs", id="nyx.mode.home"),
         Binding("2", "switch_mode('config')", "Config", id="nyx.mode.config"),
         Binding("3", "switch_mode('train')", "Dashboard", id="nyx.mode.train"),
+        Binding("4", "switch_mode('datasets')", "Datasets", id="nyx.mode.datasets"),
+        Binding("5", "switch_mode('tags')", "Tags", id="nyx.mode.tags"),
         Binding("ctrl+t", "change_theme", "Theme", id="nyx.theme"),
         Binding("f1", "toggle_keys", "Keys", id="nyx.keys"),
         Binding("ctrl+p", "command_palette", "Palette", id="nyx.palette", priority=True, show=False),
