@@ -14,14 +14,19 @@ Reasons (and the score each costs):
   framing). Tags that only look alike but coexist (`1girl` + `1boy`, `long hair` + `very long hair`) are
   not listed.
 
-Image–caption agreement (CLIP similarity) is out of scope here: it needs a model, which a dataset tool that
-the TUI imports must not load; it belongs in a tagging job.
+- `clip` (-20): the caption is far from its image by CLIP similarity, relative to this dataset: below
+  median − max(2 × 1.4826 × MAD, 0.02) of the captioned images' similarities (a robust "two standard
+  deviations below typical"; at least 3 similarities are needed). Raw CLIP similarities depend on the model
+  (0.2–0.35 is typical for a matching pair with OpenAI's CLIPs), so only the dataset's own spread is used.
+  This module never loads a model (the TUI imports it): the similarities come from
+  `nyx_tui.tagging.clip_score.clip_similarities` and are passed in (`check_captions(clip=...)` or `apply_clip`).
 """
 
 from __future__ import annotations
 
 import csv
 import re
+import statistics
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,6 +39,10 @@ from nyx_tui.datasets.images import iter_images
 
 DEFAULT_MIN_TAGS = 3
 DEFAULT_MIN_WORDS = 4
+CLIP_PENALTY = 20
+CLIP_MAD_FACTOR = 2.0
+CLIP_MIN_MARGIN = 0.02
+CLIP_MIN_IMAGES = 3
 
 # Kaomoji keep their underscores (WD14's `selected_tags.csv` spells them so, and `^ ^` means nothing).
 KAOMOJI = frozenset(
@@ -105,9 +114,13 @@ class CaptionReport:
     reasons: list[str] = field(default_factory=list)
     codes: list[str] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
+    clip: float | None = None  # CLIP image–caption similarity, when one was computed
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.rel, "score": self.score, "codes": self.codes, "reasons": self.reasons}
+        out: dict[str, Any] = {"path": self.rel, "score": self.score, "codes": self.codes, "reasons": self.reasons}
+        if self.clip is not None:
+            out["clip"] = round(self.clip, 4)
+        return out
 
 
 def judge_caption(
@@ -159,6 +172,36 @@ def judge_caption(
     return max(0, score), codes, reasons, tags
 
 
+def clip_threshold(similarities: Iterable[float]) -> tuple[float, float] | None:
+    """(median, threshold) of a dataset's CLIP similarities: below the threshold is `clip`-flagged;
+    None when there are fewer than `CLIP_MIN_IMAGES` (too few to say what is typical)."""
+    values = [float(v) for v in similarities if v == v]  # NaN-free
+    if len(values) < CLIP_MIN_IMAGES:
+        return None
+    median = statistics.median(values)
+    mad = statistics.median(abs(v - median) for v in values)
+    return median, median - max(CLIP_MAD_FACTOR * 1.4826 * mad, CLIP_MIN_MARGIN)
+
+
+def apply_clip(reports: list[CaptionReport], clip: dict[Path, float]) -> list[CaptionReport]:
+    """Record each report's CLIP similarity (`clip`, keyed by the report's `path`), add the `clip` reason to
+    those far below the dataset's typical one, and re-sort worst first. Images without a caption are never
+    `clip`-flagged (they already score 0). Returns `reports`, changed in place."""
+    for r in reports:
+        if r.path in clip:
+            r.clip = float(clip[r.path])
+    cut = clip_threshold(r.clip for r in reports if r.clip is not None and "empty" not in r.codes)
+    if cut is not None:
+        median, threshold = cut
+        for r in reports:
+            if r.clip is not None and "empty" not in r.codes and r.clip < threshold and "clip" not in r.codes:
+                r.score = max(0, r.score - CLIP_PENALTY)
+                r.codes.append("clip")
+                r.reasons.append(f"far from the image (CLIP similarity {r.clip:.2f}, dataset median {median:.2f})")
+    reports.sort(key=lambda r: (r.score, r.rel))
+    return reports
+
+
 def check_captions(
     root: Path,
     *,
@@ -168,8 +211,10 @@ def check_captions(
     min_words: int = DEFAULT_MIN_WORDS,
     keep_tokens: int = 0,
     recursive: bool = True,
+    clip: dict[Path, float] | None = None,
 ) -> list[CaptionReport]:
-    """Every image's caption report under `root`, worst first (then by path).
+    """Every image's caption report under `root`, worst first (then by path). `clip`: CLIP similarities by
+    image path (absolute, as `iter_images` yields them under `root`), see `apply_clip`.
     Raises FileNotFoundError / NotADirectoryError for a bad `root`."""
     root = Path(root).expanduser().absolute()
     if not root.exists():
@@ -186,6 +231,8 @@ def check_captions(
             text, vocab=vocab, min_tags=min_tags, min_words=min_words, keep_tokens=keep_tokens
         )
         out.append(CaptionReport(image, rel_of(image, root), text, score, reasons, codes, tags))
+    if clip is not None:
+        return apply_clip(out, clip)
     out.sort(key=lambda r: (r.score, r.rel))
     return out
 
@@ -194,7 +241,9 @@ __all__ = [
     "CONFLICTS",
     "KAOMOJI",
     "CaptionReport",
+    "apply_clip",
     "check_captions",
+    "clip_threshold",
     "is_tag_caption",
     "judge_caption",
     "load_vocabulary",

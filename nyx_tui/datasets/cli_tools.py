@@ -276,6 +276,11 @@ def cmd_captions_quality(args: argparse.Namespace) -> int:
         )
     except (FileNotFoundError, NotADirectoryError) as e:
         return _bad_folder(err, e)
+    clip_summary: dict[str, Any] | None = None
+    if getattr(args, "clip", None):
+        clip_summary = _caption_clip(args, reports, err)
+        if clip_summary is None:
+            return EXIT_USAGE
     flagged = [r for r in reports if r.codes]
     shown = flagged[: args.top] if args.top > 0 else flagged
     if args.json:
@@ -285,6 +290,8 @@ def cmd_captions_quality(args: argparse.Namespace) -> int:
             "flagged": len(flagged),
             "items": [r.to_json() for r in shown],
         }
+        if clip_summary is not None:
+            answer["clip"] = clip_summary
         print(json.dumps(answer, indent=1))
         return EXIT_OK
     for r in shown:
@@ -293,7 +300,40 @@ def cmd_captions_quality(args: argparse.Namespace) -> int:
             out.print(f"      {escape(reason)}")
     more = f" (showing the worst {len(shown)}; --top 0 shows all)" if len(shown) < len(flagged) else ""
     out.print(f"{len(reports)} images, {len(flagged)} caption(s) with something to fix{more}")
+    if clip_summary is not None and clip_summary["median"] is not None:
+        median, threshold = clip_summary["median"], clip_summary["threshold"]
+        out.print(f"CLIP similarity: dataset median {median:.3f}, flagged below {threshold:.3f}")
     return EXIT_OK
+
+
+def _caption_clip(args: argparse.Namespace, reports: list[Any], err: Console) -> dict[str, Any] | None:
+    """Add CLIP similarities (images with a caption) to `reports` (`caption_quality.apply_clip`); the `clip`
+    part of --json, or None after printing why it failed."""
+    from nyx_tui.datasets.caption_quality import apply_clip, clip_threshold
+
+    captioned = [r for r in reports if r.caption and r.caption.strip()]
+    try:
+        from nyx_tui.tagging import clip_score
+
+        with _progress("CLIP", enabled=not args.json):
+            sims = clip_score.clip_similarities(
+                [r.path for r in captioned], [r.caption for r in captioned], args.clip, device=args.device
+            )
+    except ImportError as e:
+        err.print(f"[red]error[/]: --clip needs torch and transformers ({escape(str(e))}); install them")
+        return None
+    except Exception as e:  # ClipModelError (not found, not a CLIP model), an unreadable image, ...
+        err.print(f"[red]error[/]: --clip {escape(args.clip)}: {escape(str(e))}")
+        return None
+    by_path = {r.path: s for r, s in zip(captioned, sims, strict=True)}
+    apply_clip(reports, by_path)
+    cut = clip_threshold(by_path.values())
+    return {
+        "model": args.clip,
+        "median": None if cut is None else round(cut[0], 4),
+        "threshold": None if cut is None else round(cut[1], 4),
+        "similarities": {r.rel: round(s, 4) for r, s in zip(captioned, sims, strict=True)},
+    }
 
 
 # ------------------------------------------------------------------------------------------- quarantine
@@ -433,6 +473,12 @@ def register(dsub: Any) -> None:
         "--keep-tokens", type=int, default=0, help="leading tags (trigger words) not checked against --vocab"
     )
     cq.add_argument("--top", type=int, default=20, help="show the worst N (0: all; default 20)")
+    cq.add_argument(
+        "--clip",
+        metavar="MODEL",
+        help="also flag captions far from their image by CLIP similarity (a local CLIP folder or a cached repo id)",
+    )
+    cq.add_argument("--device", default=None, help="device for --clip (default: cuda if available, else cpu)")
     cq.add_argument("--json", action="store_true", help="print the result as JSON")
     cq.set_defaults(func=cmd_captions_quality)
 
