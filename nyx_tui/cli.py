@@ -579,11 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     # the dataset side registers its own commands (each module owns its parsers and handlers)
     from nyx_tui.datasets import cli as dataset_cli
+    from nyx_tui.downloads import cli as download_cli
     from nyx_tui.tagging import caption_cli, tag_cli
 
     dataset_cli.register(sub)
     tag_cli.register(sub)
     caption_cli.register(sub)
+    download_cli.register(sub)
 
     tui = sub.add_parser("tui", help="open the terminal UI (the same as `nyx` with no command)")
     tui.add_argument("--job", help="open the dashboard on this job (id, unique part of it, or 'last')")
