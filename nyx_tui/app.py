@@ -46,7 +46,14 @@ from nyx_tui.themes import DEFAULT_THEME, NO_COLOR_THEME, load_themes
 if TYPE_CHECKING:
     from nyx_tui.config.model import TrainingConfig
 
-MODE_TITLES = {"home": "Jobs", "config": "Config", "train": "Dashboard", "datasets": "Datasets", "tags": "Tags"}
+MODE_TITLES = {
+    "home": "Jobs",
+    "config": "Config",
+    "train": "Dashboard",
+    "datasets": "Datasets",
+    "tags": "Tags",
+    "downloads": "Downloads",
+}
 STDIN_CHECK_S = 1.0
 EOF_CHECKS = 3  # readable-but-empty this many checks in a row = EOF (one could be a race with a read)
 HANGUP_GRACE_S = 5.0
@@ -98,6 +105,14 @@ def make_tags_screen() -> Screen[Any]:
     return TagsScreen()
 
 
+def make_downloads_screen() -> Screen[Any]:
+    try:
+        from nyx_tui.screens.downloads import DownloadsScreen
+    except ImportError as e:
+        return Unavailable("downloads", e)
+    return DownloadsScreen()
+
+
 def known_binding_ids() -> set[str]:
     """Every binding id declared by a loaded Textual class (the app, every screen and widget), so a
     keymap entry that matches none can be reported instead of silently doing nothing."""
@@ -106,6 +121,7 @@ def known_binding_ids() -> set[str]:
         "nyx_tui.screens.dashboard",
         "nyx_tui.screens.datasets",
         "nyx_tui.screens.tags",
+        "nyx_tui.screens.downloads",
     ):
         with contextlib.suppress(ImportError):
             __import__(module)
@@ -173,6 +189,7 @@ class NyxApp(App[None]):
         "train": make_dashboard_screen,
         "datasets": make_datasets_screen,
         "tags": make_tags_screen,
+        "downloads": make_downloads_screen,
     }
     DEFAULT_MODE = "home"
     COMMANDS = App.COMMANDS | {NyxCommands}
@@ -182,7 +199,8 @@ class NyxApp(App[None]):
         Binding("3", "switch_mode('train')", "Dashboard", id="nyx.mode.train"),
         Binding("4", "switch_mode('datasets')", "Datasets", id="nyx.mode.datasets"),
         Binding("5", "switch_mode('tags')", "Tags", id="nyx.mode.tags"),
-        Binding("ctrl+t", "change_theme", "Theme", id="nyx.theme"),
+        Binding("6", "switch_mode('downloads')", "Downloads", id="nyx.mode.downloads"),
+        Binding("ctrl+t", "change_theme", "Theme", id="nyx.theme", show=False),
         Binding("f1", "toggle_keys", "Keys", id="nyx.keys"),
         Binding("ctrl+p", "command_palette", "Palette", id="nyx.palette", priority=True, show=False),
         Binding("ctrl+q", "quit", "Quit", id="nyx.quit", priority=True),

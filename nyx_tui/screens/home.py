@@ -167,7 +167,7 @@ class HomeScreen(Screen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("enter", "open_job", "Open", id="nyx.home.open"),
         Binding("d", "demo", "Demo", id="nyx.home.demo"),
-        Binding("n", "new_config", "New config", id="nyx.home.new_config"),
+        Binding("n", "new_config", "New", id="nyx.home.new_config"),
         Binding("s", "stop_job", "Stop", id="nyx.home.stop"),
         Binding("r", "refresh", "Refresh", id="nyx.home.refresh", show=False),
     ]
