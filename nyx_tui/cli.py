@@ -104,12 +104,54 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------------------- jobs
 
 
+def launch_job(job: Any, err: Console, *, queue: bool = False, spawned: bool = False) -> bool:
+    """Start a job a command created, the one way: hand it to the scheduler (`queue`) or spawn its
+    supervisor (unless `spawned` already), record it in the index, and (not queued) wait until it runs.
+    False when it did not start (the reason is printed)."""
+    from nyx_tui.jobs.launch import spawn_supervisor, wait_started
+    from nyx_tui.jobs.store import Store, job_summary
+
+    if queue:
+        from nyx_tui.jobs.queue import enqueue
+
+        enqueue(job)
+    elif not spawned:
+        spawn_supervisor(job)
+    try:
+        Store().upsert(job_summary(job))
+    except Exception as e:  # the store is an index; the job dir is the truth
+        err.print(f"[yellow]warning[/]: could not record the job in the store: {e}")
+    if queue:
+        return True
+    try:
+        wait_started(job)
+    except TimeoutError as e:
+        err.print(f"[red]error[/]: {e}", highlight=False)
+        return False
+    return True
+
+
+def run_job(job: Any, *, detach: bool, queue: bool = False, spawned: bool = False, queued_note: str = "") -> int:
+    """`launch_job`, then what every job command does next: print the id and return (detached or queued),
+    or follow the job to its end (Ctrl+C only detaches). The exit code of the command."""
+    err = _console(stderr=True)
+    if not launch_job(job, err, queue=queue, spawned=spawned):
+        return EXIT_FAILED
+    if queue:
+        print(job.id)
+        err.print(f"queued {job.id}. {queued_note or '`nyx queue` shows the order.'}")
+        return EXIT_OK
+    if detach:
+        print(job.id)
+        err.print(f"started {job.id} (detached). Follow it with: nyx attach {job.id}")
+        return EXIT_OK
+    return _follow(job, _console())
+
+
 def _start_training(config_file: Path, err: Console, queue: bool = False) -> Any:
     """Validate everything, then create the job and spawn its supervisor (or, with `queue`, hand it to
     the scheduler). Returns the JobDir, or None when the config has problems (they are printed)."""
     from nyx_tui.config.check import check_file
-    from nyx_tui.jobs.launch import spawn_supervisor, wait_started
-    from nyx_tui.jobs.store import Store, job_summary
     from nyx_tui.trainers.base import create_training_job
 
     result = check_file(config_file)
@@ -117,23 +159,8 @@ def _start_training(config_file: Path, err: Console, queue: bool = False) -> Any
     if not result.ok or result.config is None:
         return None
     job = create_training_job(result.config, queue=queue)
-    if queue:
-        from nyx_tui.jobs.queue import enqueue
-
-        enqueue(job)
-    else:
-        spawn_supervisor(job)
-    try:
-        Store().upsert(job_summary(job))
-    except Exception as e:  # the store is an index; the job dir is the truth
-        err.print(f"[yellow]warning[/]: could not record the job in the store: {e}")
-    if queue:
-        return job
-    try:
-        wait_started(job)
-    except TimeoutError as e:
-        err.print(f"[red]error[/]: {e}", highlight=False)
-        raise SystemExit(EXIT_FAILED) from None
+    if not launch_job(job, err, queue=queue):
+        raise SystemExit(EXIT_FAILED)
     return job
 
 

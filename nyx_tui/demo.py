@@ -47,6 +47,8 @@ def write_config(ws: Path, steps: int | None = None) -> Path:
     data = preset_data(PRESET)
     if steps:
         data.setdefault("training", {})["max_steps"] = steps
+        sched = data.setdefault("scheduler", {})
+        sched["warmup_steps"] = min(int(sched.get("warmup_steps", 0)), steps // 10)  # a shorter run, a shorter warmup
     path = ws / "demo.toml"
     atomic_write(path, f"# written by `nyx demo` from preset {PRESET}\n" + tomli_w.dumps(data))
     return path

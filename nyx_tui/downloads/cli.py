@@ -110,44 +110,17 @@ def _find_download(ref: str) -> Any:
 
 
 def _start(spec: dict[str, Any], *, queue: bool, detach: bool) -> int:
+    from nyx_tui.cli import run_job
     from nyx_tui.jobs.jobdir import create_job
-    from nyx_tui.jobs.launch import spawn_supervisor, wait_started
-    from nyx_tui.jobs.store import Store, job_summary
 
-    err = _err()
     argv = [sys.executable, "-m", "nyx_tui.downloads.job", "."]
     name = "download-" + _slug_source(spec["sources"][0])
     extra: dict[str, Any] = {"download": spec, "resource": "cpu"}
     if queue:
         extra["queue"] = True
     job = create_job("download", name, argv, extra=extra)
-    if queue:
-        from nyx_tui.jobs.queue import enqueue
-
-        enqueue(job)
-    else:
-        spawn_supervisor(job)
-    try:
-        Store().upsert(job_summary(job))
-    except Exception as e:  # the store is an index; the job dir is the truth
-        err.print(f"[yellow]warning[/]: could not record the job in the store: {e}")
-    if queue:
-        print(job.id)
-        err.print(f"queued {job.id}; downloads run beside GPU jobs. `nyx downloads` shows it.")
-        return EXIT_OK
-    try:
-        wait_started(job)
-    except TimeoutError as e:
-        err.print(f"[red]error[/]: {e}", highlight=False)
-        return EXIT_FAILED
-    if detach:
-        print(job.id)
-        err.print(f"started {job.id} (detached). Follow it with: nyx attach {job.id}")
-        return EXIT_OK
-    from nyx_tui.cli import _console, _follow
-
-    code: int = _follow(job, _console())
-    return code
+    note = "downloads run beside GPU jobs. `nyx downloads` shows it."
+    return run_job(job, detach=detach, queue=queue, queued_note=note)
 
 
 # -------------------------------------------------------------------------------------------------- commands

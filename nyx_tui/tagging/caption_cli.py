@@ -186,27 +186,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
             err.print(f"[bold red]error[/]: {escape(problem)}", highlight=False)
         err.print("nothing was started.")
         return EXIT_USAGE
-    job = start_caption_job(settings)
-    try:
-        from nyx_tui.jobs.store import Store, job_summary
+    from nyx_tui.cli import run_job
 
-        Store().upsert(job_summary(job))
-    except Exception as e:  # the store is an index; the job dir is the truth
-        err.print(f"[yellow]warning[/]: could not record the job in the store: {e}")
-    from nyx_tui.jobs.launch import wait_started
-
-    try:
-        wait_started(job)
-    except TimeoutError as e:
-        err.print(f"[red]error[/]: {escape(str(e))}", highlight=False)
-        return EXIT_FAILED
-    if args.detach:
-        print(job.id)
-        err.print(f"started {job.id} (detached). Follow it with: nyx attach {job.id}")
-        return EXIT_OK
-    from nyx_tui.cli import _console, _follow
-
-    return int(_follow(job, _console()))
+    return run_job(start_caption_job(settings), detach=args.detach, spawned=True)
 
 
 __all__ = ["cmd_caption", "problems", "register", "settings_from_args", "start_caption_job"]

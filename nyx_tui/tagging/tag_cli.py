@@ -154,33 +154,12 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def _start(spec: dict[str, Any], folder: Path, detach: bool) -> int:
-    from rich.console import Console
-
+    from nyx_tui.cli import run_job
     from nyx_tui.jobs.jobdir import create_job
-    from nyx_tui.jobs.launch import spawn_supervisor, wait_started
-    from nyx_tui.jobs.store import Store, job_summary
 
-    err = Console(stderr=True, highlight=False)
     argv = [sys.executable, "-m", "nyx_tui.tagging.tag_job", "."]
     job = create_job("tag", f"tag-{folder.resolve().name}", argv, extra={"tag": spec})
-    spawn_supervisor(job)
-    try:
-        Store().upsert(job_summary(job))
-    except Exception as e:  # the store is an index; the job dir is the truth
-        err.print(f"[yellow]warning[/]: could not record the job in the store: {e}")
-    try:
-        wait_started(job)
-    except TimeoutError as e:
-        err.print(f"[red]error[/]: {e}", highlight=False)
-        return EXIT_FAILED
-    if detach:
-        print(job.id)
-        err.print(f"started {job.id} (detached). Follow it with: nyx attach {job.id}")
-        return EXIT_OK
-    from nyx_tui.cli import _console, _follow
-
-    code: int = _follow(job, _console())
-    return code
+    return run_job(job, detach=detach)
 
 
 __all__ = ["register"]
