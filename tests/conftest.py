@@ -2,15 +2,46 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_job_outlives_the_tests(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Jobs are detached by design, so a test that fails or times out before it stops its job would leave a
+    training run going after pytest exits (eating the CPU of whatever runs next). At the end of the session
+    every job under this session's temp folder that is still active gets its process group signalled."""
+    yield
+    import json
+    import signal
+
+    for status in tmp_path_factory.getbasetemp().glob("**/jobs/*/status.json"):
+        try:
+            state = json.loads(status.read_text())
+        except (OSError, ValueError):
+            continue
+        if state.get("state") not in ("starting", "running"):
+            continue
+        for key in ("supervisor_pid", "worker_pid"):
+            pid = state.get(key)
+            try:  # only our own processes: a pid of a job that ended unrecorded may have been reused
+                ours = isinstance(pid, int) and pid > 1 and b"nyx_tui" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                ours = False
+            if ours:
+                assert isinstance(pid, int)
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)  # a group leader (the supervisor): the worker goes with it
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
