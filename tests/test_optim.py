@@ -15,7 +15,6 @@ import torch
 
 from nyx_tui.config.check import check_config
 from nyx_tui.config.model import (
-    NetworkSection,
     OptimizerKind,
     OptimizerSection,
     SchedulerKind,
@@ -411,7 +410,6 @@ def test_preflight_problems() -> None:
     ) == {"optimizer.args.warmup_steps": "warning"}
 
 
-@pytest.mark.skipif("text_encoder_lr" not in NetworkSection.model_fields, reason="no per-group learning rates yet")
 def test_preflight_prodigy_with_several_group_lrs() -> None:
     cfg = _cfg(
         optimizer={"type": "prodigy", "learning_rate": 1.0},
