@@ -281,6 +281,185 @@ def build_tiny_sdxl(model_dir: Path | str, *, seed: int = MODEL_SEED) -> Path:
     return _save_pipeline(pipe, model_dir)
 
 
+# ------------------------------------------------------------------------------ flow-matching families
+
+# words the demo captions use, as whole T5 pieces (the rest falls back to single characters)
+_T5_WORDS = ("a", "red", "green", "blue", "yellow", "purple", "white", "black", "circle", "square", "triangle")
+
+
+def _t5_tokenizer() -> Any:
+    """A T5-shaped (Unigram, sentencepiece-style) tokenizer built offline: pad 0, eos 1, unk 2, the printable
+    characters and a few whole words. Real T5 has 32k pieces; the model only needs ids in range."""
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(chr(c), -3.0) for c in range(33, 127)]
+    pieces += [("\u2581" + w, -1.0) for w in _T5_WORDS]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def _tiny_t5(tokenizer: Any, width: int) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=width,
+            d_kv=8,
+            d_ff=2 * width,
+            num_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, as Flux's and SD3's T5-XXL
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+
+
+def _tiny_vae16(scaling_factor: float, shift_factor: float) -> Any:
+    """A 16-channel VAE like Flux's and SD3's (8x downsampling, their scaling and shift factors)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        latent_channels=16,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def build_tiny_flux(
+    model_dir: Path | str,
+    *,
+    schnell: bool = False,
+    seed: int = MODEL_SEED,
+    double_blocks: int = 2,
+    single_blocks: int = 2,
+) -> Path:
+    """Write a tiny random-weight Flux.1-architecture pipeline (diffusers `FluxPipeline` folder) to `model_dir`.
+
+    The real layout at toy width: double-stream (`transformer_blocks`) and single-stream blocks, 2x2-packed
+    16-channel latents (`in_channels` 64), RoPE over (4, 4, 8) axes, a CLIP-L-shaped encoder for the pooled
+    vector and a T5-shaped encoder for the sequence. dev-style (`schnell=False`) has the guidance embedding
+    and the dev scheduler (dynamic shifting); schnell-style has neither, as the real ones. Returns the folder.
+    """
+    import torch
+    import transformers
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    transformers.utils.logging.disable_progress_bar()
+    model_dir = Path(model_dir)
+    tokenizer = _tokenizer()
+    tokenizer_2 = _t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=double_blocks,
+        num_single_layers=single_blocks,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=not schnell,
+        axes_dims_rope=(4, 4, 8),
+    )
+    text_encoder = CLIPTextModel(_tiny_clip_config(tokenizer, "quick_gelu"))
+    text_encoder_2 = _tiny_t5(tokenizer_2, 32)
+    vae = _tiny_vae16(0.3611, 0.1159)
+    if schnell:
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    parts: list[Any] = [transformer, text_encoder, text_encoder_2, vae]
+    for module in parts:
+        module.eval()
+    pipe: Any = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    return _save_pipeline(pipe, model_dir)
+
+
+def build_tiny_sd3(model_dir: Path | str, *, seed: int = MODEL_SEED, layers: int = 2) -> Path:
+    """Write a tiny random-weight SD3-architecture pipeline (diffusers `StableDiffusion3Pipeline` folder).
+
+    The MMDiT layout at toy width: joint blocks (the last one context-pre-only, as in SD3), 2x2 patches of a
+    16-channel latent, positional embeddings up to 16 patches a side, CLIP-L and CLIP-G-shaped encoders (with
+    projections: their pooled outputs are concatenated, 64 wide) and a T5-shaped encoder whose width (64)
+    matches the concatenated CLIP states, as 4096 does for the real one. Returns the folder.
+    """
+    import torch
+    import transformers
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    model_dir = Path(model_dir)
+    tokenizer = _tokenizer()
+    vocab, merges = _byte_vocab()
+    tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TOKEN_MAX_LENGTH, pad_token="!")  # type: ignore[arg-type]
+    tokenizer_3 = _t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=layers,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=16,
+    )
+    text_encoder = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer, "quick_gelu"))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_clip_config(tokenizer_2, "gelu"))
+    text_encoder_3 = _tiny_t5(tokenizer_3, 64)
+    vae = _tiny_vae16(1.5305, 0.0609)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    parts: list[Any] = [transformer, text_encoder, text_encoder_2, text_encoder_3, vae]
+    for module in parts:
+        module.eval()
+    pipe: Any = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    return _save_pipeline(pipe, model_dir)
+
+
 # ------------------------------------------------------------------------------------------ the dataset
 
 

@@ -493,6 +493,10 @@ _OVERRIDES: dict[str, st.SearchStrategy[Any]] = {
     "network.block_alphas": st.none() | st.lists(st.floats(0.125, 64), min_size=25, max_size=25),
     "network.conv_block_alphas": st.none() | st.lists(st.floats(0.125, 64), min_size=25, max_size=25),
     "network.block_lr_weights": st.none() | st.lists(st.floats(0, 4), min_size=25, max_size=25),
+    "flow.double_block_indices": st.none() | st.lists(st.integers(0, 18), max_size=4),
+    "flow.single_block_indices": st.none() | st.lists(st.integers(0, 37), max_size=4),
+    "flow.block_type_dims": st.none()
+    | st.dictionaries(st.sampled_from(["img_attn", "txt_attn", "single", "single_mod"]), st.integers(0, 64)),
 }
 
 
@@ -520,6 +524,9 @@ def _with_valid_warmup(data: dict[str, Any]) -> dict[str, Any]:
         training["max_steps"] = 1
     if training.get("validate_every_n_steps"):  # validation needs held-out images
         data.setdefault("dataset", {})["validation_split"] = 0.1
+    if training.get("cpu_offload_checkpointing"):  # it offloads what checkpointing keeps, and not with block swap
+        training["gradient_checkpointing"] = True
+        data.setdefault("flow", {})["blocks_to_swap"] = 0
     steps = training.get("max_steps", 1000) or 1000
     scheduler = data.setdefault("scheduler", {})
     scheduler["warmup_steps"] = scheduler.get("warmup_steps", 0) % steps

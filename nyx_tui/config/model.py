@@ -16,6 +16,8 @@ from nyx_tui.config.fields import FLOW_FAMILIES, UNET_FAMILIES, Family, param
 from nyx_tui.families import FAMILY_DEFAULTS, native_resolutions
 
 ScalarArg = bool | int | float | str
+# Flux module types with their own rank in flow.block_type_dims (sd-scripts' <type>_dim network args)
+FLUX_TYPE_DIMS = ("img_attn", "txt_attn", "img_mlp", "txt_mlp", "img_mod", "txt_mod", "single", "single_mod")
 
 
 class _Section(BaseModel):
@@ -75,6 +77,42 @@ class TimestepSampling(StrEnum):
     SIGMOID = "sigmoid"
     SHIFT = "shift"
     FLUX_SHIFT = "flux_shift"
+
+
+class ModelPredictionType(StrEnum):
+    """sd-scripts' Flux model_prediction_type: how the transformer's output becomes the prediction."""
+
+    RAW = "raw"
+    ADDITIVE = "additive"
+    SIGMA_SCALED = "sigma_scaled"
+
+
+class WeightingScheme(StrEnum):
+    """SD3's loss/timestep weighting schemes (diffusers' compute_density_for_timestep_sampling names)."""
+
+    NONE = "none"
+    UNIFORM = "uniform"
+    SIGMA_SQRT = "sigma_sqrt"
+    LOGIT_NORMAL = "logit_normal"
+    MODE = "mode"
+    COSMAP = "cosmap"
+
+
+class TrainBlocks(StrEnum):
+    """Which Flux transformer blocks get adapters (sd-scripts' train_blocks)."""
+
+    ALL = "all"
+    DOUBLE = "double"
+    SINGLE = "single"
+
+
+class BaseQuantization(StrEnum):
+    """How the frozen base transformer is stored: as is, fp8 (upcast for compute), 8-bit or 4-bit NF4."""
+
+    NONE = "none"
+    FP8 = "fp8"
+    INT8 = "int8"
+    NF4 = "nf4"
 
 
 class LossType(StrEnum):
@@ -157,6 +195,47 @@ class ModelSection(_Section):
         path=True,
         example="stabilityai/stable-diffusion-xl-base-1.0",
     )
+    clip_l: str | None = param(
+        None,
+        description="CLIP-L text encoder file (ComfyUI's clip_l.safetensors) for a Flux or SD3 transformer file "
+        "in model.pretrained that has no text encoders. Empty: taken from model.pretrained.",
+        group="model",
+        families=FLOW_FAMILIES,
+        kohya="clip_l",
+        path=True,
+        example="models/clip/clip_l.safetensors",
+    )
+    clip_g: str | None = param(
+        None,
+        description="CLIP-G (OpenCLIP bigG) text encoder file for an SD3 transformer file without text encoders.",
+        group="model",
+        families=(Family.SD3,),
+        kohya="clip_g",
+        path=True,
+        example="models/clip/clip_g.safetensors",
+    )
+    t5xxl: str | None = param(
+        None,
+        description="T5-XXL text encoder file (e.g. t5xxl_fp16.safetensors) for a Flux or SD3 transformer file "
+        "without text encoders.",
+        group="model",
+        families=FLOW_FAMILIES,
+        kohya="t5xxl",
+        path=True,
+        example="models/clip/t5xxl_fp16.safetensors",
+    )
+    flow_config: str | None = param(
+        None,
+        description="For Flux/SD3 single files: a diffusers folder or Hugging Face repo id of the same model whose "
+        "configs and tokenizers describe them (only JSON and text files are read). Empty: the family's reference "
+        "repo in the local Hugging Face cache (black-forest-labs/FLUX.1-dev, stabilityai/stable-diffusion-3.5-"
+        "medium).",
+        group="model",
+        advanced=True,
+        families=FLOW_FAMILIES,
+        path=True,
+        example="black-forest-labs/FLUX.1-dev",
+    )
 
 
 class SubsetConfig(_Section):
@@ -193,7 +272,7 @@ class SubsetConfig(_Section):
     )
     class_tokens: str | None = param(
         None,
-        description="The caption of this folder's images that have no caption file (e.g. \"mychar woman\").",
+        description='The caption of this folder\'s images that have no caption file (e.g. "mychar woman").',
         group="dataset",
         advanced=True,
         kohya="class_tokens",
@@ -826,6 +905,32 @@ class TrainingSection(_Section):
         advanced=True,
         kohya="cache_text_encoder_outputs",
     )
+    cache_text_encoder_outputs_to_disk: bool = param(
+        False,
+        description="Cache the text encoders' outputs on disk too (reused by later runs with the same captions and "
+        "encoders); with a flow model the encoders are then unloaded before training. Implies "
+        "cache_text_encoder_outputs.",
+        group="training",
+        advanced=True,
+        kohya="cache_text_encoder_outputs_to_disk",
+    )
+    cpu_offload_checkpointing: bool = param(
+        False,
+        description="With gradient_checkpointing: keep the activations saved for the backward pass in CPU memory "
+        "(less VRAM, slower). Not together with flow.blocks_to_swap.",
+        group="training",
+        advanced=True,
+        families=FLOW_FAMILIES,
+        kohya="cpu_offload_checkpointing",
+    )
+    base_quantization: BaseQuantization = param(
+        BaseQuantization.NONE,
+        description="Storage of the frozen base transformer: none, fp8 (half of bf16, upcast for compute; "
+        "sd-scripts' fp8_base), int8 or nf4 (bitsandbytes).",
+        group="training",
+        families=FLOW_FAMILIES,
+        kohya="fp8_base",
+    )
     prior_loss_weight: float = param(
         1.0,
         description="Loss weight of the regularization images (subsets with is_reg).",
@@ -910,8 +1015,7 @@ class TrainingSection(_Section):
     )
     multires_noise_iterations: int = param(
         0,
-        description="Multi-resolution (pyramid) noise: add this many levels of coarser noise (6–10 is usual; "
-        "0: off).",
+        description="Multi-resolution (pyramid) noise: add this many levels of coarser noise (6–10 is usual; 0: off).",
         group="training",
         advanced=True,
         families=UNET_FAMILIES,
@@ -1057,27 +1161,233 @@ class TrainingSection(_Section):
 class FlowSection(_Section):
     timestep_sampling: TimestepSampling = param(
         TimestepSampling.SIGMA,
-        description="How training timesteps are drawn for flow-matching models.",
+        description="How training timesteps are drawn for flow-matching models: sigma (from the scheduler's "
+        "sigmas, with weighting_scheme), uniform, sigmoid (of a normal draw times sigmoid_scale), shift "
+        "(sigmoid, then shifted by discrete_flow_shift) or flux_shift (shifted by the image's size, as Flux "
+        "inference does).",
         group="flow",
         families=FLOW_FAMILIES,
         kohya="timestep_sampling",
     )
+    sigmoid_scale: float = param(
+        1.0,
+        description="Scale of the normal draw before the sigmoid (timestep_sampling sigmoid, shift, flux_shift).",
+        group="flow",
+        advanced=True,
+        families=FLOW_FAMILIES,
+        kohya="sigmoid_scale",
+        gt=0,
+    )
     discrete_flow_shift: float = param(
         3.0,
-        description="Shift of the flow-matching schedule (with timestep_sampling = shift).",
+        description="Shift of the flow-matching schedule (with timestep_sampling = shift; SD3 with sigma).",
         group="flow",
         families=FLOW_FAMILIES,
         kohya="discrete_flow_shift",
         gt=0,
     )
+    model_prediction_type: ModelPredictionType = param(
+        ModelPredictionType.SIGMA_SCALED,
+        description="Flux: how the output becomes the prediction: raw, additive (plus the noisy input) or "
+        "sigma_scaled (output·(−σ) + noisy input, then weighted by the scheme).",
+        group="flow",
+        advanced=True,
+        families=(Family.FLUX,),
+        kohya="model_prediction_type",
+    )
+    weighting_scheme: WeightingScheme = param(
+        WeightingScheme.UNIFORM,
+        description="Weighting of timesteps/loss: none or uniform, sigma_sqrt, logit_normal (logit_mean, "
+        "logit_std), mode (mode_scale) or cosmap.",
+        group="flow",
+        advanced=True,
+        families=FLOW_FAMILIES,
+        kohya="weighting_scheme",
+    )
+    logit_mean: float = param(
+        0.0,
+        description="Mean of the logit-normal timestep density (weighting_scheme = logit_normal).",
+        group="flow",
+        advanced=True,
+        families=FLOW_FAMILIES,
+        kohya="logit_mean",
+    )
+    logit_std: float = param(
+        1.0,
+        description="Standard deviation of the logit-normal timestep density.",
+        group="flow",
+        advanced=True,
+        families=FLOW_FAMILIES,
+        kohya="logit_std",
+        gt=0,
+    )
+    mode_scale: float = param(
+        1.29,
+        description="Scale of the mode timestep density (weighting_scheme = mode).",
+        group="flow",
+        advanced=True,
+        families=FLOW_FAMILIES,
+        kohya="mode_scale",
+    )
     guidance_scale: float = param(
         1.0,
-        description="Guidance value fed to guidance-distilled Flux models during training.",
+        description="Guidance value fed to guidance-distilled Flux models (dev) during training; schnell has none.",
         group="flow",
         families=(Family.FLUX,),
         kohya="guidance_scale",
         ge=0,
     )
+    t5_max_token_length: int | None = param(
+        None,
+        description="T5 tokens per caption. Empty: the detected model's (Flux dev 512, schnell 256, SD3 256).",
+        group="flow",
+        advanced=True,
+        families=FLOW_FAMILIES,
+        kohya="t5xxl_max_token_length",
+        ge=1,
+        le=512,
+        unit="tokens",
+    )
+    apply_t5_attn_mask: bool = param(
+        False,
+        description="Mask T5's padding tokens in the encoder and in the transformer's attention.",
+        group="flow",
+        advanced=True,
+        families=FLOW_FAMILIES,
+        kohya="apply_t5_attn_mask",
+    )
+    apply_lg_attn_mask: bool = param(
+        False,
+        description="SD3: mask the CLIP-L/G padding tokens (their outputs at padding positions are zeroed).",
+        group="flow",
+        advanced=True,
+        families=(Family.SD3,),
+        kohya="apply_lg_attn_mask",
+    )
+    training_shift: float = param(
+        1.0,
+        description="SD3: shift applied to the sampled timesteps during training (sd-scripts' training_shift).",
+        group="flow",
+        advanced=True,
+        families=(Family.SD3,),
+        kohya="training_shift",
+        gt=0,
+    )
+    clip_l_dropout_rate: float = param(
+        0.0,
+        description="SD3: probability of dropping the CLIP-L conditioning of a caption (zeros instead).",
+        group="flow",
+        advanced=True,
+        families=(Family.SD3,),
+        kohya="clip_l_dropout_rate",
+        ge=0,
+        le=1,
+    )
+    clip_g_dropout_rate: float = param(
+        0.0,
+        description="SD3: probability of dropping the CLIP-G conditioning of a caption.",
+        group="flow",
+        advanced=True,
+        families=(Family.SD3,),
+        kohya="clip_g_dropout_rate",
+        ge=0,
+        le=1,
+    )
+    t5_dropout_rate: float = param(
+        0.0,
+        description="SD3: probability of dropping the T5 conditioning of a caption.",
+        group="flow",
+        advanced=True,
+        families=(Family.SD3,),
+        kohya="t5_dropout_rate",
+        ge=0,
+        le=1,
+    )
+    train_blocks: TrainBlocks = param(
+        TrainBlocks.ALL,
+        description="Flux: put adapters on all blocks, only the double (joint) blocks, or only the single blocks.",
+        group="flow",
+        families=(Family.FLUX,),
+        kohya="network_args.train_blocks",
+    )
+    double_block_indices: list[int] | None = param(
+        None,
+        description="Flux: only these double blocks (0-based, e.g. [0, 1, 7]); SD3: only these joint blocks. "
+        "Empty: every block train_blocks allows.",
+        group="flow",
+        advanced=True,
+        families=FLOW_FAMILIES,
+        kohya="network_args.train_double_block_indices",
+    )
+    single_block_indices: list[int] | None = param(
+        None,
+        description="Flux: only these single blocks (0-based). Empty: every block train_blocks allows.",
+        group="flow",
+        advanced=True,
+        families=(Family.FLUX,),
+        kohya="network_args.train_single_block_indices",
+    )
+    block_type_dims: dict[str, int] | None = param(
+        None,
+        description="Flux: rank per module type, overriding network.dim: keys img_attn, txt_attn, img_mlp, txt_mlp, "
+        "img_mod, txt_mod, single, single_mod; 0 leaves that type out (sd-scripts' img_attn_dim … single_mod_dim).",
+        group="flow",
+        advanced=True,
+        families=(Family.FLUX,),
+        kohya="network_args.type_dims",
+    )
+    split_qkv: bool = param(
+        False,
+        description="Flux: separate adapters for q, k and v instead of one on the fused qkv projection "
+        "(sd-scripts' split_qkv); the file still uses the fused names.",
+        group="flow",
+        advanced=True,
+        families=(Family.FLUX,),
+        kohya="network_args.split_qkv",
+    )
+    blocks_to_swap: int = param(
+        0,
+        description="Keep this many transformer blocks in CPU memory and move each to the GPU only for its "
+        "forward and backward (less VRAM, slower). Not with training.cpu_offload_checkpointing.",
+        group="flow",
+        families=FLOW_FAMILIES,
+        kohya="blocks_to_swap",
+        ge=0,
+        le=60,
+        unit="blocks",
+    )
+    t5_on_cpu: bool = param(
+        False,
+        description="Run T5-XXL on the CPU (it encodes each caption once with cached outputs): about 9 GB of VRAM "
+        "less for a slower start.",
+        group="flow",
+        advanced=True,
+        families=FLOW_FAMILIES,
+        kohya="t5xxl_device",
+    )
+
+    @field_validator("block_type_dims")
+    @classmethod
+    def _type_dims(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        if value is None:
+            return value
+        unknown = sorted(set(value) - set(FLUX_TYPE_DIMS))
+        if unknown:
+            raise ValueError(
+                f"flow.block_type_dims has unknown key(s) {', '.join(unknown)}; "
+                f"the keys are {', '.join(FLUX_TYPE_DIMS)}"
+            )
+        negative = [k for k, v in value.items() if v < 0]
+        if negative:
+            raise ValueError(f"flow.block_type_dims: {', '.join(negative)} must be 0 (left out) or a rank above 0")
+        return value
+
+    @field_validator("double_block_indices", "single_block_indices")
+    @classmethod
+    def _indices(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(i < 0 for i in value):
+            raise ValueError("block indices are 0-based and not negative, e.g. [0, 1, 2]")
+        return value
 
 
 class SavingSection(_Section):
@@ -1160,7 +1470,7 @@ class SavingSection(_Section):
     @field_validator("output_name")
     @classmethod
     def _file_name(cls, v: str) -> str:
-        if not v or v in (".", "..") or any(c in v for c in '/\\\0') or len(v) > 200:
+        if not v or v in (".", "..") or any(c in v for c in "/\\\0") or len(v) > 200:
             raise ValueError('must be a plain file name without slashes, such as "mychar"')
         return v
 
@@ -1303,6 +1613,16 @@ class TrainingConfig(_Section):
             raise ValueError(
                 f"scheduler.warmup_steps ({self.scheduler.warmup_steps}) must be below training.max_steps "
                 f"({self.training.max_steps}); lower the warmup, e.g. to {self.training.max_steps // 10}"
+            )
+        if tr.cpu_offload_checkpointing and not tr.gradient_checkpointing:
+            raise ValueError(
+                "training.cpu_offload_checkpointing offloads what gradient checkpointing keeps: set "
+                "training.gradient_checkpointing = true, or cpu_offload_checkpointing = false"
+            )
+        if tr.cpu_offload_checkpointing and self.flow.blocks_to_swap:
+            raise ValueError(
+                "training.cpu_offload_checkpointing and flow.blocks_to_swap do not work together (as in sd-scripts); "
+                "keep blocks_to_swap (it saves more) and set cpu_offload_checkpointing = false"
             )
         if not (self.network.train_unet or self.network.train_text_encoder):
             raise ValueError(
