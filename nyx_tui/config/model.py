@@ -71,6 +71,11 @@ class SavePrecision(StrEnum):
     BF16 = "bf16"
 
 
+class LoraFormat(StrEnum):
+    KOHYA = "kohya"
+    DIFFUSERS = "diffusers"
+
+
 class TimestepSampling(StrEnum):
     SIGMA = "sigma"
     UNIFORM = "uniform"
@@ -1444,6 +1449,14 @@ class SavingSection(_Section):
         description="Precision of the saved weights.",
         group="saving",
         kohya="save_precision",
+    )
+    lora_format: LoraFormat = param(
+        LoraFormat.KOHYA,
+        description="Flux/SD3 file layout: kohya (sd-scripts' names, fused q/k/v: what ComfyUI, Forge and sd-scripts "
+        "load) or diffusers (peft keys `transformer.…lora_A.weight`, for diffusers' load_lora_weights).",
+        group="saving",
+        advanced=True,
+        families=FLOW_FAMILIES,
     )
     title: str | None = param(
         None,
