@@ -49,8 +49,12 @@ def test_keys_only_from_preset_to_finished_lora(nyx_home: Path, monkeypatch: pyt
             assert app.current_mode == "train"
             job: JobDir = find_job(str(app.current_job))
             screen = app.screen
-            await _until(pilot, lambda: screen.series.ended and screen.series.state == "finished", 300,
-                         "the dashboard to show finished")
+            await _until(
+                pilot,
+                lambda: screen.series.ended and screen.series.state == "finished",
+                300,
+                "the dashboard to show finished",
+            )
             assert job.effective_state() == "finished"
             await pilot.press("o")  # open (copy) the LoRA path
             await pilot.pause()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nyx_tui.config.errors import ConfigError, Problem, has_errors
+from nyx_tui.config.fields import FLOW_FAMILIES, Family
 from nyx_tui.config.io import load_config, looks_like_repo_id, toml_value
 from nyx_tui.config.model import TrainingConfig
 from nyx_tui.families import Kind, called, defaults, describe, detect, vae_families
@@ -194,6 +195,16 @@ def _check_model_source(key: str, value: str, *, required: bool) -> list[Problem
     ]
 
 
+def _piece_hint(kind: Kind, family: Family) -> str:
+    """Where a VAE or text encoder given as model.pretrained belongs instead (Flux/SD3 take them as files)."""
+    if kind is Kind.VAE:
+        return "; a VAE goes in model.vae"
+    if kind is Kind.TEXT_ENCODER and family in FLOW_FAMILIES:
+        fields = "model.t5xxl or model.clip_l" if family is Family.FLUX else "model.t5xxl, model.clip_l or model.clip_g"
+        return f"; a text encoder file goes in {fields}, with the transformer file in model.pretrained"
+    return ""
+
+
 def _check_families(cfg: TrainingConfig, *, pretrained: bool, vae: bool) -> list[Problem]:
     """The base model, and the VAE when one is set, are of `model.family`, as far as their files tell (read
     by `families.detect`: configs and headers only). A repo id not in the local cache, a pickle checkpoint or
@@ -207,7 +218,7 @@ def _check_families(cfg: TrainingConfig, *, pretrained: bool, vae: bool) -> list
                 "model.pretrained",
                 f"is a {model.kind} ({model.reason}), not a whole base model",
                 "point model.pretrained at the base model (a diffusers folder, a .safetensors checkpoint or a "
-                "Hugging Face repo id)" + ("; a VAE goes in model.vae" if model.kind is Kind.VAE else ""),
+                "Hugging Face repo id)" + _piece_hint(model.kind, family),
             )
         )
         model = None
@@ -289,6 +300,9 @@ def preflight(cfg: TrainingConfig) -> list[Problem]:
     from nyx_tui.trainers.native.init_check import weights_problems  # torch-free: network.weights' file
 
     problems += weights_problems(cfg)
+    from nyx_tui.trainers.native.flow_check import flow_problems  # torch-free: Flux/SD3 files' missing pieces
+
+    problems += flow_problems(cfg)
     problems += _check_output(cfg)
     from nyx_tui.config.prompts import prompt_problems
 
