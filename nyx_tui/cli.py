@@ -74,10 +74,25 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     console = _console()
     result = check_file(Path(args.file))
     _print_problems(console, result.problems, args.file)
+    if result.config is not None:  # a config with file problems still has a size
+        _print_vram(console, result.config, full=args.vram)
     if not result.ok:
         return EXIT_USAGE
     console.print(f"[green]ok[/] {args.file}", highlight=False)
     return EXIT_OK
+
+
+def _print_vram(console: Console, cfg: Any, *, full: bool = False) -> None:
+    """The VRAM estimate of a config (`nyx_tui.vram`, torch-free): one line, or the breakdown with `full`.
+    Figures are for the full-size model of the family, whatever the file holds."""
+    from nyx_tui import vram
+
+    try:
+        text = vram.estimate(cfg).describe()
+    except Exception as e:  # an estimate must never stop a check or a launch
+        console.print(f"[yellow]no VRAM estimate[/]: {type(e).__name__}: {e}", highlight=False)
+        return
+    console.print(("VRAM estimate " + text) if full else f"VRAM estimate {text.splitlines()[0]}", highlight=False)
 
 
 def cmd_config_presets(args: argparse.Namespace) -> int:
@@ -158,6 +173,7 @@ def _start_training(config_file: Path, err: Console, queue: bool = False) -> Any
     _print_problems(err, result.problems, str(config_file))
     if not result.ok or result.config is None:
         return None
+    _print_vram(err, result.config)
     job = create_training_job(result.config, queue=queue)
     if not launch_job(job, err, queue=queue):
         raise SystemExit(EXIT_FAILED)
@@ -461,13 +477,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # with --json the last line of stdout is the JSON answer: the live display goes to stderr
     view = _console(stderr=args.json)
     ws = demo.workspace(args.workspace)
+    family = args.family
+    name = {"sd15": "SD1.5", "flux": "Flux (dev-style)", "sd3": "SD3"}[family]
     try:
-        with err.status("building the tiny SD1.5 model and the synthetic dataset…"):
-            demo.prepare_workspace(ws)
+        with err.status(f"building the tiny {name} model and the synthetic dataset…"):
+            demo.prepare_workspace(ws, family)
     except demo.DemoError as e:
         err.print(f"[red]error[/]: {e}", markup=True, highlight=False)
         return EXIT_FAILED
-    config_file = demo.write_config(ws, steps=args.steps)
+    config_file = demo.write_config(ws, steps=args.steps, family=family)
     job = _start_training(config_file, err)
     if job is None:
         return EXIT_USAGE
@@ -481,10 +499,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     loras = [a["path"] for a in job.artifacts() if a.get("what") == "lora"]
     final = loras[-1] if loras else None
     if args.json:
-        answer = {"job": job.id, "lora": final, "model": str(ws / "model"), "dataset": str(ws / "dataset")}
+        answer = {
+            "job": job.id,
+            "lora": final,
+            "model": str(demo.model_dir(ws, family)),
+            "dataset": str(ws / "dataset"),
+        }
         sys.stdout.write(json.dumps(answer) + "\n")
-    else:
+    elif family == "sd15":
         err.print(f"\nYour LoRA: {final}\nLoad it in diffusers: pipe.load_lora_weights({str(final)!r})")
+    else:
+        # diffusers' kohya-Flux converter assumes full-size Flux: a tiny model's file is for Nyx, not a pipeline
+        samples = Path(final).parent / "samples" if final else None  # the engine renders beside the LoRA
+        where = f"\nSamples (before and after): {samples}" if samples and samples.is_dir() else ""
+        err.print(
+            f"\nYour {name} LoRA: {final}{where}\nThis box can train {family}; for a real model see docs/flux-sd3.md"
+        )
     return EXIT_OK
 
 
@@ -535,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     new.set_defaults(func=cmd_config_new)
     check = csub.add_parser("check", help="validate a config file without loading any model")
     check.add_argument("file")
+    check.add_argument("--vram", action="store_true", help="show the VRAM estimate part by part")
     check.set_defaults(func=cmd_config_check)
     csub.add_parser("presets", help="list the presets").set_defaults(func=cmd_config_presets)
     docs = csub.add_parser("docs", help="write the parameter reference (Markdown)")
@@ -598,8 +629,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a tiny LoRA on the CPU: no download, no GPU, about a minute")
     demo.add_argument("--headless", action="store_true", help="Rich progress on the terminal, no TUI")
     demo.add_argument("--workspace", help="folder for the demo model, dataset and config")
+    demo.add_argument("--json", action="store_true", help="print {job, lora, model, dataset} as the last line")
     demo.add_argument(
-        "--json", action="store_true", help="print {job, lora, model, dataset} as the last line"
+        "--family",
+        choices=("sd15", "flux", "sd3"),
+        default="sd15",
+        help="the tiny model's family (flux: dev-style; default sd15)",
     )
     demo.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     demo.set_defaults(func=cmd_demo)

@@ -8,6 +8,7 @@ The dataset is a few coloured shapes on plain backgrounds with captions that nam
 random-weight model can learn to denoise better within a minute.
 
     python -m nyx_tui.demo_assets WORKSPACE   # writes WORKSPACE/model and WORKSPACE/dataset, prints JSON
+    python -m nyx_tui.demo_assets WORKSPACE --family flux   # WORKSPACE/model-flux (sd3: model-sd3) instead
 
 Heavy imports (torch, diffusers, transformers) happen inside the functions, so importing this module
 from the CLI costs nothing.
@@ -290,12 +291,13 @@ _T5_WORDS = ("a", "red", "green", "blue", "yellow", "purple", "white", "black", 
 def _t5_tokenizer() -> Any:
     """A T5-shaped (Unigram, sentencepiece-style) tokenizer built offline: pad 0, eos 1, unk 2, the printable
     characters and a few whole words. Real T5 has 32k pieces; the model only needs ids in range."""
-    from transformers import T5TokenizerFast
+    import transformers
 
+    t: Any = transformers  # the lazy module hides T5TokenizerFast from mypy
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     pieces += [(chr(c), -3.0) for c in range(33, 127)]
     pieces += [("\u2581" + w, -1.0) for w in _T5_WORDS]
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+    return t.T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
 
 
 def _tiny_t5(tokenizer: Any, width: int) -> Any:
@@ -312,7 +314,7 @@ def _tiny_t5(tokenizer: Any, width: int) -> Any:
             feed_forward_proj="gated-gelu",  # T5 v1.1, as Flux's and SD3's T5-XXL
             pad_token_id=0,
             eos_token_id=1,
-            decoder_start_token_id=0,
+            decoder_start_token_id=0,  # type: ignore[call-arg]  # a T5Config kwarg passed through
         )
     )
 
@@ -510,28 +512,61 @@ def make_shapes_dataset(dataset_dir: Path | str, n: int = 24, *, size: int = 64,
 # ------------------------------------------------------------------------------------------ entry point
 
 
-def ensure_demo_assets(workspace: Path | str) -> dict[str, str]:
-    """Make `<workspace>/model` and `<workspace>/dataset` unless both are already complete."""
+# the demo's families: model folder in the workspace, and what a complete one holds (checked for idempotence)
+FAMILY_MODELS: dict[str, str] = {"sd15": "model", "flux": "model-flux", "sd3": "model-sd3"}
+_FLOW_WEIGHT_DIRS: dict[str, tuple[str, ...]] = {
+    "flux": ("transformer", "vae", "text_encoder", "text_encoder_2"),
+    "sd3": ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"),
+}
+
+
+def _flow_model_complete(model_dir: Path, family: str) -> bool:
+    """A finished tiny Flux/SD3 folder: its index and every weighted part (saved whole or not at all, since
+    `_save_pipeline` renames a finished temp folder into place; checked anyway, as for SD1.5)."""
+    if not (model_dir / "model_index.json").is_file():
+        return False
+    return all(any((model_dir / d).glob("*.safetensors")) for d in _FLOW_WEIGHT_DIRS[family])
+
+
+def ensure_demo_assets(workspace: Path | str, family: str = "sd15") -> dict[str, str]:
+    """Make the family's demo model (`<workspace>/model` for sd15, `model-flux`, `model-sd3`) and the shared
+    `<workspace>/dataset` unless they are already complete. One dataset serves every family: the demo shows
+    that a box can train the family, on images it already has."""
+    if family not in FAMILY_MODELS:
+        raise ValueError(f"unknown demo family {family!r}; one of {', '.join(FAMILY_MODELS)}")
     workspace = Path(workspace)
     workspace.mkdir(parents=True, exist_ok=True)
-    model_dir, dataset_dir = workspace / "model", workspace / "dataset"
-    if not _model_complete(model_dir):
-        build_tiny_sd15(model_dir)
+    model_dir, dataset_dir = workspace / FAMILY_MODELS[family], workspace / "dataset"
+    if family == "sd15":
+        if not _model_complete(model_dir):
+            build_tiny_sd15(model_dir)
+    elif not _flow_model_complete(model_dir, family):
+        if family == "flux":
+            build_tiny_flux(model_dir)  # dev-style: guidance embedding, dynamic shifting, as most users train
+        else:
+            build_tiny_sd3(model_dir)
     if not _dataset_complete(dataset_dir):
         make_shapes_dataset(dataset_dir)
     return {"model": str(model_dir), "dataset": str(dataset_dir)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    usage = "usage: python -m nyx_tui.demo_assets WORKSPACE  (builds the tiny demo model and images there)"
+    args = list(sys.argv[1:] if argv is None else argv)
+    usage = (
+        "usage: python -m nyx_tui.demo_assets WORKSPACE [--family sd15|flux|sd3]  "
+        "(builds the tiny demo model and images there)"
+    )
     if len(args) == 1 and args[0] in ("-h", "--help"):
         print(usage)
         return 0
+    family = "sd15"
+    if len(args) == 3 and args[1] == "--family" and args[2] in FAMILY_MODELS:
+        family = args[2]
+        args = args[:1]
     if len(args) != 1 or args[0].startswith("-"):
         print(usage, file=sys.stderr)
         return 2
-    print(json.dumps(ensure_demo_assets(args[0])), flush=True)
+    print(json.dumps(ensure_demo_assets(args[0], family)), flush=True)
     return 0
 
 

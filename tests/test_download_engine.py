@@ -15,11 +15,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from dl_faults import FaultServer
 
@@ -436,3 +438,129 @@ def test_progress_is_throttled_with_speed_and_eta(srv: FaultServer, tmp_path: Pa
     assert seen[-1].done == r.size and seen[-1].eta_s == 0
     mid = [p for p in seen[1:-1] if p.speed_bps > 0]
     assert mid and all(p.eta_s is not None for p in mid)
+
+
+# ------------------------------------------------------------------------------------------- the fast path
+@pytest.fixture(params=["socket", "chunks"])
+def body_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Run a test over both ways a body is read: straight from the socket (large plain bodies) and as the
+    chunks httpx hands over (small, encoded or chunked bodies). Checks the one asked for was the one used."""
+    monkeypatch.setattr(engine, "DIRECT_READ_MIN_BYTES", 0 if request.param == "socket" else 1 << 62)
+    used: list[str] = []
+    real = engine._body_source
+
+    def spy(*args: Any) -> Any:
+        source = real(*args)
+        used.append(type(source).__name__)
+        return source
+
+    monkeypatch.setattr(engine, "_body_source", spy)
+    yield request.param
+    assert used and set(used) == {"_SocketSource" if request.param == "socket" else "_ChunkSource"}
+
+
+def test_both_body_paths_resume_without_refetching(srv: FaultServer, tmp_path: Path, body_path: str) -> None:
+    r = srv.add("/r.bin", size=3 * MB, drop_after=MB + 123, drop_times=2)
+    assert quick(RemoteFile(srv.url("/r.bin"), "r.bin", sha256=r.sha256), tmp_path).read_bytes() == r.data
+    reqs = srv.requests("/r.bin")
+    assert [q.range for q in reqs] == [None, f"bytes={MB + 123}-", f"bytes={2 * (MB + 123)}-"]
+    assert srv.bytes_sent("/r.bin") == r.size
+    assert leftovers(tmp_path) == []
+
+
+def test_cancel_while_a_read_is_blocked_is_prompt(srv: FaultServer, tmp_path: Path, body_path: str) -> None:
+    """The server sends 512 KiB and goes silent: what came is written (progress shows it), a cancel wakes the
+    read blocked on the socket at once, and a resume asks for exactly the rest."""
+    half = 512 * 1024
+    r = srv.add("/stall.bin", size=2 * MB, chunk=half, delay_s=5.0)
+    f = RemoteFile(srv.url("/stall.bin"), "stall.bin", sha256=r.sha256)
+    seen: list[int] = []
+
+    async def go() -> float:
+        cancel = asyncio.Event()
+
+        def on_progress(p: Progress) -> None:
+            seen.append(p.done)
+            if p.done >= half:
+                cancel.set()
+
+        task = asyncio.ensure_future(fetch(f, tmp_path, cancel=cancel, on_progress=on_progress, min_free_bytes=0))
+        await asyncio.wait_for(cancel.wait(), 3)  # the 512 KiB reached the part while the link is silent
+        t = time.monotonic()
+        with pytest.raises(DownloadCancelled):
+            await task
+        return time.monotonic() - t
+
+    assert run(go()) < 0.5
+    assert seen[-1] == half and (tmp_path / "stall.bin.part").stat().st_size == half
+    r.delay_s = 0
+    assert quick(f, tmp_path).read_bytes() == r.data
+    last = srv.requests("/stall.bin")[-1]
+    assert (last.range, last.bytes_sent) == (f"bytes={half}-", r.size - half)
+
+
+def test_a_silent_connection_times_out_and_resumes(srv: FaultServer, tmp_path: Path, body_path: str) -> None:
+    """Each response sends 256 KiB and stalls past the read timeout: every attempt keeps its bytes and the next
+    one resumes after them (progress resets the retry count, so 4 attempts with retries=1 finish the file)."""
+    quarter = 256 * 1024
+    r = srv.add("/silent.bin", size=4 * quarter, chunk=quarter, delay_s=1.5)
+    f = RemoteFile(srv.url("/silent.bin"), "silent.bin", sha256=r.sha256)
+
+    async def go() -> Path:
+        async with engine.make_client(timeout_s=0.3) as client:
+            return await fetch(f, tmp_path, client=client, retries=1, backoff_s=0.01, min_free_bytes=0)
+
+    assert run(go()).read_bytes() == r.data
+    assert [q.range for q in srv.requests("/silent.bin")] == [None] + [f"bytes={i * quarter}-" for i in (1, 2, 3)]
+
+
+def test_large_file_is_read_from_the_socket_and_verified(
+    srv: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Default settings: a body from DIRECT_READ_MIN_BYTES up takes the socket path; the bytes, the hash and
+    the connection handling (closed, not pooled, after it) are right, and a second file still downloads."""
+    size = engine.DIRECT_READ_MIN_BYTES + 12345
+    a = srv.add("/a.bin", size=size, seed=1)
+    b = srv.add("/b.bin", size=MB, seed=2)
+    used: list[str] = []
+    real = engine._body_source
+    monkeypatch.setattr(engine, "_body_source", lambda *args: used.append(type(s := real(*args)).__name__) or s)
+
+    async def go() -> list[Path]:
+        async with engine.make_client() as client:
+            files = [RemoteFile(srv.url(p), p[1:], sha256=x.sha256) for p, x in (("/a.bin", a), ("/b.bin", b))]
+            return [await fetch(f, tmp_path, client=client, min_free_bytes=0) for f in files]
+
+    pa, pb = run(go())
+    assert pa.read_bytes() == a.data and pb.read_bytes() == b.data
+    assert used == ["_SocketSource", "_ChunkSource"]
+
+
+def test_an_httpx_async_client_is_still_accepted(srv: FaultServer, tmp_path: Path) -> None:
+    """The API took an httpx.AsyncClient before: its timeout and headers are used by a client made for the call."""
+    r = srv.add("/compat.bin", size=MB)
+
+    async def go() -> Path:
+        async with httpx.AsyncClient(headers={"User-Agent": "compat-test"}) as client:
+            return await fetch(RemoteFile(srv.url("/compat.bin"), "compat.bin"), tmp_path, client=client)
+
+    assert run(go()).read_bytes() == r.data
+    assert srv.requests("/compat.bin")[0].headers["user-agent"] == "compat-test"
+
+
+def test_progress_callbacks_run_on_the_event_loop_thread(srv: FaultServer, tmp_path: Path) -> None:
+    """Bodies are read on worker threads, but a callback may touch asyncio objects (set an Event, redraw a
+    view): it must run on the loop's thread."""
+    r = srv.add("/t.bin", size=2 * MB, chunk=64 * 1024, delay_s=0.01)
+    threads: set[int] = set()
+
+    async def go() -> int:
+        await fetch(
+            RemoteFile(srv.url("/t.bin"), "t.bin", sha256=r.sha256),
+            tmp_path,
+            on_progress=lambda p: threads.add(threading.get_ident()),
+            min_free_bytes=0,
+        )
+        return threading.get_ident()
+
+    assert threads == {run(go())}

@@ -182,3 +182,16 @@ def test_unet_families_are_estimated_too() -> None:
     sd15 = vram.estimate(load_preset("sd15-lora"))
     assert sd15.total_gib < estimate.total_gib
     assert vram.estimate(sdxl, params=vram.FLUX_DEV).model == "Flux.1 dev"  # an explicit size wins
+
+
+def test_config_check_shows_the_estimate_before_anything_loads(capsys: pytest.CaptureFixture[str]) -> None:
+    """`nyx config check` prints the estimate (even for a config whose files are missing), `--vram` the parts."""
+    from nyx_tui.cli import main
+
+    preset = str(Path(vram.__file__).parent / "config" / "presets" / "flux-lora-12gb.toml")
+    main(["config", "check", preset])
+    out = capsys.readouterr().out
+    assert "VRAM estimate" in out and "Flux.1 dev" in out and "12 GB" in out
+    assert "base weights" not in out
+    main(["config", "check", "--vram", preset])
+    assert "base weights (fp8)" in capsys.readouterr().out

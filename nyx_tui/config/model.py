@@ -930,8 +930,9 @@ class TrainingSection(_Section):
     )
     base_quantization: BaseQuantization = param(
         BaseQuantization.NONE,
-        description="Storage of the frozen base transformer: none, fp8 (half of bf16, upcast for compute; "
-        "sd-scripts' fp8_base), int8 or nf4 (bitsandbytes).",
+        description="Storage of the frozen base transformer's block layers: none, fp8 (half of bf16, upcast for "
+        "compute; sd-scripts' fp8_base), int8 (Nyx's per-row scaled int8; no sd-scripts equivalent) or nf4 "
+        "(bitsandbytes 4-bit; no sd-scripts equivalent). DoRA needs none or nf4.",
         group="training",
         families=FLOW_FAMILIES,
         kohya="fp8_base",
@@ -1343,22 +1344,25 @@ class FlowSection(_Section):
     )
     split_qkv: bool = param(
         False,
-        description="Flux: separate adapters for q, k and v instead of one on the fused qkv projection "
-        "(sd-scripts' split_qkv); the file still uses the fused names.",
+        description="Separate adapters for q, k and v (Flux single blocks: and the MLP input) instead of one "
+        "rank-dim adapter on the fused projection (sd-scripts' split_qkv); the file keeps the fused names, with "
+        "the downs stacked and the ups block-diagonal.",
         group="flow",
         advanced=True,
-        families=(Family.FLUX,),
+        families=FLOW_FAMILIES,
         kohya="network_args.split_qkv",
     )
     blocks_to_swap: int = param(
         0,
-        description="Keep this many transformer blocks in CPU memory and move each to the GPU only for its "
-        "forward and backward (less VRAM, slower). Not with training.cpu_offload_checkpointing.",
+        description="Keep transformer blocks in CPU memory and move each to the GPU only for its forward and "
+        "backward (less VRAM, slower). Counted as sd-scripts does: for Flux n//2 double blocks and "
+        "2·(n − n//2) single blocks (a single block is half a double one), so 38 swaps every block but the "
+        "first; SD3: n joint blocks. Not with training.cpu_offload_checkpointing.",
         group="flow",
         families=FLOW_FAMILIES,
         kohya="blocks_to_swap",
         ge=0,
-        le=60,
+        le=38,
         unit="blocks",
     )
     t5_on_cpu: bool = param(

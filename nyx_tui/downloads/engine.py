@@ -28,9 +28,18 @@ Why it is built this way (the users rent GPU boxes and pull 2–25 GB checkpoint
   margin free; a download that would fill the disk halfway through a training run's checkpoint save is worse
   than one that never starts.
 
-Cancelling: set the `cancel` event. The fetch stops within a chunk (or at once when waiting for the network
-or a backoff), keeps the part and sidecar, and raises `DownloadCancelled` (see `model`). Cancelling the task
-itself (`task.cancel()`) also keeps the part and raises `asyncio.CancelledError` as usual.
+Throughput (a 2-core cloud box must keep up with a datacenter link; see bench/download.py and
+docs/downloads.md): HTTP goes through a synchronous `httpx.Client` on worker threads, never the event loop.
+A body is read into a few reused 1 MiB buffers — a large plain one straight from the connection's socket
+(`_SocketSource`), anything else as httpx hands it over — each buffer written with `os.pwrite` by the reading
+thread and hashed by a second one (hashlib and the system calls release the GIL), so reading, writing and
+hashing run at once on different cores with no per-chunk Python work on the loop. Progress reaches the
+loop through `call_soon_threadsafe`, a few times a second.
+
+Cancelling: set the `cancel` event. The fetch stops within one read (or at once when waiting for the network
+or a backoff; a read blocked on a silent connection is woken by shutting its socket down), writes what it
+already received, keeps the part and sidecar, and raises `DownloadCancelled` (see `model`). Cancelling the
+task itself (`task.cancel()`) also keeps the part and raises `asyncio.CancelledError` as usual.
 
 Two fetches of the same file (two jobs) cannot interleave: the part is held under an exclusive `flock`;
 the second fails at once with a `DownloadError` saying so.
@@ -39,21 +48,27 @@ the second fails at once with a `DownloadError` saying so.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import email.utils
 import fcntl
 import hashlib
 import os
+import queue
 import random
 import re
+import select
 import shutil
+import socket
+import ssl
+import threading
 import time
 import unicodedata
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import httpx
@@ -63,6 +78,7 @@ from nyx_tui.downloads.model import DownloadCancelled, DownloadError, DownloadsF
 
 __all__ = [
     "DEFAULT_MIN_FREE_BYTES",
+    "Client",
     "content_disposition_filename",
     "fetch",
     "fetch_all",
@@ -81,7 +97,11 @@ SPEED_WINDOW_S = 5.0  # speed is measured over the last seconds, so a stall show
 MAX_REDIRECTS = 10
 MAX_BACKOFF_S = 60.0
 MAX_RETRY_AFTER_S = 900.0  # a server asking for an hour's pause is treated as a failure sooner than that
-SYNC_EVERY_BYTES = 64 * 1024 * 1024  # background fdatasync while streaming (see `_Fetcher._stream`)
+SYNC_EVERY_BYTES = 64 * 1024 * 1024  # background fdatasync while streaming (see `_Fetcher._pump`)
+BUFFER_BYTES = 1024 * 1024  # a body is read into reused buffers of this size (no allocation per chunk)
+BUFFERS = 8  # per file: how far reading and writing may run ahead of hashing
+FLUSH_S = 0.1  # a buffer is written when full, or when nothing more came for up to this long
+DIRECT_READ_MIN_BYTES = 8 * 1024 * 1024  # bodies from this size are read from the socket (`_SocketSource`)
 SNIFF_BYTES = 512  # how much of a body's start is looked at to tell an error page from a model
 
 _TEXT_SUFFIXES = {".json", ".jsonl", ".html", ".htm", ".txt", ".md", ".xml", ".yaml", ".yml", ".csv", ".toml"}
@@ -91,6 +111,7 @@ _JSON_ERROR_RE = re.compile(rb'^\{\s*"(error|errors|message|detail)"\s*:')
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 _CONTENT_RANGE_RE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)\s*/\s*(\d+|\*)\s*$", re.IGNORECASE)
 _HASH_READ = 4 * 1024 * 1024
+_T = TypeVar("_T")
 
 
 # ----------------------------------------------------------------------------------------- names and paths
@@ -179,14 +200,54 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return secs if secs >= 0 and secs == secs else None
 
 
-def make_client(*, timeout_s: float = 60.0) -> httpx.AsyncClient:
+class Client:
+    """Connections shared by fetches (what `make_client` returns; one per job, passed to each `fetch`).
+
+    It wraps a *synchronous* `httpx.Client`: the engine sends requests and reads bodies on worker threads
+    (see the module docstring: off the event loop a body costs a fraction of the CPU), and httpx's sync
+    connection pool is thread-safe. Close it with `await client.aclose()` (or `close()`, or `async with`).
+    """
+
+    def __init__(self, http: httpx.Client) -> None:
+        self.http = http
+
+    def close(self) -> None:
+        self.http.close()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_client(*, timeout_s: float = 60.0) -> Client:
     """The client `fetch` makes when given none: generous read timeout (a CDN may pause), no pool timeout
     (the semaphore in `fetch_all` bounds connections), no automatic redirects (auth is handled here)."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(timeout_s, connect=min(20.0, timeout_s), pool=None),
-        follow_redirects=False,
-        headers={"User-Agent": "nyx-tui/0.1 (+downloads)"},
+    return Client(
+        httpx.Client(
+            timeout=httpx.Timeout(timeout_s, connect=min(20.0, timeout_s), pool=None),
+            follow_redirects=False,
+            headers={"User-Agent": "nyx-tui/0.1 (+downloads)"},
+        )
     )
+
+
+def _as_client(client: Client | httpx.AsyncClient | None) -> tuple[Client, bool]:
+    """The `Client` to use and whether this call owns it (closes it when done). An `httpx.AsyncClient` (the
+    type this API took before) lends its timeout, headers and proxy-from-environment setting to a sync client
+    made for the call; its own connections and transport are not used."""
+    if isinstance(client, Client):
+        return client, False
+    if client is None:
+        return make_client(), True
+    http = httpx.Client(
+        timeout=client.timeout, headers=client.headers, follow_redirects=False, trust_env=client.trust_env
+    )
+    return Client(http), True
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -233,23 +294,219 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _hash_file(fh: IO[bytes], length: int) -> Any:
-    """sha256 of the first `length` bytes of an open file (read once, in a worker thread)."""
+def _hash_fd(fd: int, length: int, stop: threading.Event | None = None) -> Any:
+    """sha256 of the first `length` bytes of an open file (read once, on a worker thread; `stop` ends it early,
+    the result is then of no use)."""
     h = hashlib.sha256()
-    fh.seek(0)
-    left = length
-    while left > 0:
-        block = fh.read(min(_HASH_READ, left))
+    pos = 0
+    while pos < length and not (stop is not None and stop.is_set()):
+        block = os.pread(fd, min(_HASH_READ, length - pos), pos)
         if not block:
             break
         h.update(block)
-        left -= len(block)
+        pos += len(block)
     return h
 
 
-def _hash_path(path: Path) -> str:
+def _hash_path(path: Path, stop: threading.Event | None = None) -> str:
     with open(path, "rb") as fh:
-        return str(_hash_file(fh, os.fstat(fh.fileno()).st_size).hexdigest())
+        return str(_hash_fd(fh.fileno(), os.fstat(fh.fileno()).st_size, stop).hexdigest())
+
+
+def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, pos)
+        data, pos = data[n:], pos + n
+
+
+def _fdatasync_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):  # a failed background sync is redone by the fsync before the rename
+        os.fdatasync(fd)
+
+
+# ----------------------------------------------------------------------------------------- threads
+def _start_thread(fn: Callable[[], _T]) -> concurrent.futures.Future[_T]:
+    """`fn()` on a new thread of its own: not the loop's default executor, where eight hour-long body reads
+    would hold every worker and starve each other `to_thread` of the process."""
+    fut: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+    def work() -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            result = fn()
+        except BaseException as e:
+            fut.set_exception(e)
+        else:
+            fut.set_result(result)
+
+    threading.Thread(target=work, name="nyx-download", daemon=True).start()
+    return fut
+
+
+async def _joined(fn: Callable[[], _T], stop: threading.Event, interrupt: Callable[[], None] | None = None) -> _T:
+    """Run `fn` on its own thread and wait for it. When the waiting task is cancelled, set `stop` (and call
+    `interrupt`, which wakes a read blocked on the network) and still wait for the thread before the cancel
+    goes on: it uses the part's file descriptor, which must not be closed under it. `fn` checks `stop`
+    between reads, so that wait is short."""
+    fut = _start_thread(fn)
+    try:
+        return await asyncio.wrap_future(fut)
+    except asyncio.CancelledError:
+        stop.set()
+        if interrupt is not None:
+            interrupt()
+        waiter = asyncio.wrap_future(fut)
+        while not waiter.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([waiter])
+        if not waiter.cancelled():
+            waiter.exception()  # retrieved: what the thread raised after a cancel does not matter
+        raise
+
+
+async def _abandoned_on_cancel(fn: Callable[[], _T], cleanup: Callable[[_T], None]) -> _T:
+    """Run `fn` on its own thread; when the waiting task is cancelled, return at once and hand the result to
+    `cleanup` whenever it comes (sending a request cannot be interrupted mid-connect, and touches no file)."""
+    fut = _start_thread(fn)
+    try:
+        return await asyncio.wrap_future(fut)
+    except asyncio.CancelledError:
+
+        def late(f: concurrent.futures.Future[_T]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                cleanup(f.result())
+
+        fut.add_done_callback(late)
+        raise
+
+
+def _socket_of(resp: httpx.Response) -> socket.socket | None:
+    stream = resp.extensions.get("network_stream")
+    get = getattr(stream, "get_extra_info", None)
+    sock = get("socket") if get is not None else None
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def _interrupt(resp: httpx.Response) -> None:
+    """Wake a thread blocked reading `resp`'s body (a cancel): shut its socket down. The connection is closed
+    with the response afterwards, never reused. (`socket.socket.shutdown` on purpose: an `SSLSocket`'s own
+    would drop its TLS state under the reading thread.)"""
+    sock = _socket_of(resp)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+# ----------------------------------------------------------------------------------------- body sources
+class _ChunkSource:
+    """A body as httpx hands it over (any framing; decoded when it has a Content-Encoding), copied into the
+    pump's buffers. Reads block; run on a worker thread. `sock` (the connection's, when known) lets `wait`
+    tell whether a read would block."""
+
+    def __init__(self, chunks: Iterator[bytes], sock: socket.socket | None) -> None:
+        self.chunks = chunks
+        self.pending = memoryview(b"")
+        self.done = False
+        self.sock = sock
+        self.poll: Any = None
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                poll = select.poll()
+                poll.register(sock.fileno(), select.POLLIN)
+                self.poll = poll
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for data; False when none came (a read now would block). True when it cannot
+        tell (no socket; bytes in httpx's own buffers may still be there after a False: harmless)."""
+        if self.pending or self.poll is None:
+            return True
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        try:
+            return bool(self.poll.poll(max(0.0, timeout) * 1000))
+        except OSError:
+            return True  # let the read say what is wrong
+
+    def readinto(self, buf: memoryview) -> int:
+        """Bytes put at the start of `buf`; 0 only at the end of the body (then `done`)."""
+        while not self.pending:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                self.done = True
+                return 0
+            self.pending = memoryview(chunk)
+        n = min(len(buf), len(self.pending))
+        buf[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+
+class _SocketSource(_ChunkSource):
+    """A plain `Content-Length` body over HTTP/1.x read straight from the connection's socket.
+
+    Why: httpcore reads 64 KiB at a time and each piece passes h11's buffer and becomes a new bytes object
+    (several copies and a dozen Python calls per 64 KiB: 0.5 s of CPU per GiB measured on loopback, against
+    0.1 s for `recv_into` a reused 1 MiB buffer — one copy, one call per read). Why it is correct: the first
+    piece still comes through httpx, and h11 hands over everything it has buffered of a Content-Length body
+    in one piece, so the socket then stands exactly at the rest, `length - first` bytes, read here with the
+    client's read timeout. httpcore never reads the connection again: the response is closed with h11
+    unfinished, which closes the connection rather than pooling it (one connection per large file). Over TLS
+    the socket is the `ssl.SSLSocket`, which decrypts as it reads. Used only on httpcore's own plain or TLS
+    `SyncStream` (not TLS inside an https proxy's TLS, where the socket is the outer layer).
+    """
+
+    def __init__(self, chunks: Iterator[bytes], sock: socket.socket, length: int, timeout: float | None) -> None:
+        super().__init__(chunks, sock)
+        self.direct, self.left, self.timeout = sock, length, timeout
+        self.started = False
+
+    def wait(self, timeout: float) -> bool:
+        return not self.started or self.left <= 0 or super().wait(timeout)
+
+    def readinto(self, buf: memoryview) -> int:
+        if not self.started:
+            self.started = True
+            first = next(self.chunks, b"")
+            self.left -= len(first)
+            self.pending = memoryview(first)
+            self.direct.settimeout(self.timeout)
+        if self.pending:
+            return super().readinto(buf)
+        if self.left <= 0:
+            self.done = True
+            return 0
+        try:
+            n = self.direct.recv_into(buf, min(len(buf), self.left))
+        except TimeoutError as e:
+            raise httpx.ReadTimeout(f"no data for {self.timeout} s") from e
+        except OSError as e:
+            raise httpx.ReadError(f"{type(e).__name__}: {e}") from e
+        if n == 0:
+            raise httpx.RemoteProtocolError(
+                f"peer closed connection without sending complete message body ({self.left} bytes missing)"
+            )
+        self.left -= n
+        return n
+
+
+def _body_source(resp: httpx.Response, encoded: bool, body_len: int | None) -> _ChunkSource:
+    chunks = resp.iter_bytes() if encoded else resp.iter_raw()
+    sock = _socket_of(resp)
+    kind = type(resp.extensions.get("network_stream"))
+    if (
+        sock is not None
+        and not encoded
+        and body_len is not None
+        and body_len >= DIRECT_READ_MIN_BYTES
+        and "transfer-encoding" not in resp.headers
+        and resp.http_version in ("HTTP/1.1", "HTTP/1.0")
+        and kind.__name__ == "SyncStream"
+        and kind.__module__.startswith("httpcore.")
+    ):
+        timeout = resp.request.extensions.get("timeout", {}).get("read", 60.0)
+        return _SocketSource(chunks, sock, body_len, timeout)
+    return _ChunkSource(chunks, sock)
 
 
 class _Retry(Exception):
@@ -317,14 +574,14 @@ class _Fetcher:
         self,
         file: RemoteFile,
         dest_dir: Path,
-        client: httpx.AsyncClient,
+        client: Client,
         *,
         on_progress: Callable[[Progress], None] | None,
         retries: int,
         backoff_s: float,
         min_free_bytes: int,
     ) -> None:
-        self.file, self.dest_dir, self.client = file, Path(dest_dir), client
+        self.file, self.dest_dir, self.http = file, Path(dest_dir), client.http
         self.retries, self.backoff_s, self.min_free_bytes = max(0, retries), max(0.0, backoff_s), min_free_bytes
         self.subdir = safe_subdir(file.subdir)
         self.expected_sha = self._check_sha(file.sha256)
@@ -375,12 +632,12 @@ class _Fetcher:
             self.info.size = self.info.size or old.size
             self.total = self.total or old.size
             self.header_sha = old.sha256 if not self.expected_sha else None
-            self.hasher = await asyncio.to_thread(_hash_file, fh, size)
+            stop = threading.Event()
+            self.hasher = await _joined(lambda: _hash_fd(fd, size, stop), stop)
             self.offset = size
         else:
             self._truncate()
             sidecar.remove(self.part)
-        fh.seek(self.offset)
         self.meter.total = self.total
         self.meter.reset(self.offset)
 
@@ -399,8 +656,7 @@ class _Fetcher:
 
     def _truncate(self) -> None:
         assert self.fh is not None
-        self.fh.seek(0)
-        self.fh.truncate(0)
+        os.ftruncate(self.fh.fileno(), 0)
         self.offset = 0
         self.hasher = hashlib.sha256()
         self.meter.reset(0)
@@ -462,9 +718,9 @@ class _Fetcher:
         return DownloadError(where + detail, fix, retryable=False, status=status)
 
     # -- one request ------------------------------------------------------------------------------
-    @contextlib.asynccontextmanager
-    async def _open(self, url: str, headers: dict[str, str], linked: _Linked) -> AsyncIterator[httpx.Response]:
-        """GET following redirects by hand: the file's own headers (auth) go to its URL's origin only."""
+    def _send(self, url: str, headers: dict[str, str], linked: _Linked) -> httpx.Response:
+        """GET following redirects by hand (on a worker thread): the file's own headers (auth) go to its URL's
+        origin only. Returns the final response, its body not read yet; the caller closes it."""
         current = httpx.URL(url)
         origin = _origin(current)
         for _ in range(MAX_REDIRECTS + 1):
@@ -472,22 +728,18 @@ class _Fetcher:
                 raise DownloadError(f"{self.label}: unsupported URL scheme {current.scheme!r}", "use http(s)")
             h = dict(self.file.headers) if _origin(current) == origin else {}
             h.update(headers)
-            request = self.client.build_request("GET", current, headers=h)
-            response = await self.client.send(request, stream=True, follow_redirects=False)
+            request = self.http.build_request("GET", current, headers=h)
+            response = self.http.send(request, stream=True, follow_redirects=False)
             location = response.headers.get("location")
             if response.status_code in (301, 302, 303, 307, 308) and location:
                 linked.sha256 = linked.sha256 or _sha_from_etag(response.headers.get("x-linked-etag"))
                 size = response.headers.get("x-linked-size")
                 if size and size.isdigit() and linked.size is None:
                     linked.size = int(size)
-                await response.aclose()
+                response.close()
                 current = current.join(location)
                 continue
-            try:
-                yield response
-            finally:
-                await response.aclose()
-            return
+            return response
         raise DownloadError(f"{self.label}: more than {MAX_REDIRECTS} redirects", "check the URL")
 
     async def _attempt(self, url: str) -> bool:
@@ -499,7 +751,8 @@ class _Fetcher:
             if self.info.validator:
                 headers["If-Range"] = self.info.validator
         linked = _Linked()
-        async with self._open(url, headers, linked) as resp:
+        resp = await _abandoned_on_cancel(lambda: self._send(url, headers, linked), _close_response)
+        try:
             status = resp.status_code
             if status in (408, 429) or status >= 500:
                 body = await _read_some(resp, 2048)
@@ -547,7 +800,9 @@ class _Fetcher:
                     self._truncate()
 
             self._learn(resp, linked, server_total)
-            await self._stream(resp, encoded)
+            await self._stream(resp, encoded, body_len)
+        finally:
+            resp.close()
         if self.total is not None and self.offset < self.total:
             raise _Retry(f"connection closed at {self.offset} of {self.total} bytes")
         return True
@@ -592,49 +847,98 @@ class _Fetcher:
         if self.total is not None:
             self._check_free(self.total - self.offset)
 
-    async def _stream(self, resp: httpx.Response, encoded: bool) -> None:
-        """Body → part, hash and progress as it comes; the first bytes are looked at before any is kept."""
-        fh = self.fh
-        assert fh is not None
-        chunks = resp.aiter_bytes() if encoded else resp.aiter_raw()
-        first = b""
-        if self.offset == 0:
-            async for chunk in chunks:
-                first += chunk
-                if len(first) >= SNIFF_BYTES:
-                    break
-            self._refuse_error_page(resp, first)
-            if first:
-                self._write(fh, first)
-        write, update = fh.write, self.hasher.update
-        meter = self.meter
-        offset = self.offset
+    async def _stream(self, resp: httpx.Response, encoded: bool, body_len: int | None) -> None:
+        """Body → part, hashed, with progress: `_pump` on a worker thread; a cancel stops it within one read
+        (a blocked read is woken by shutting the socket down) and waits for it to finish writing."""
+        source = _body_source(resp, encoded, body_len)
+        stop = threading.Event()
+        post: Callable[[int], None] | None = None
+        if self.meter.cb is not None:
+            loop, update = asyncio.get_running_loop(), self.meter.update
+
+            def post(done: int) -> None:  # on the pump's thread: the callback runs on the loop
+                loop.call_soon_threadsafe(update, done)
+
+        await _joined(lambda: self._pump(resp, source, stop, post), stop, lambda: _interrupt(resp))
+
+    def _pump(
+        self, resp: httpx.Response, source: _ChunkSource, stop: threading.Event, post: Callable[[int], None] | None
+    ) -> None:
+        """On a worker thread: fill a buffer, write it at the part's end, hand it to the hashing thread, repeat.
+
+        A buffer is written when full, when the body ends or `stop` is set, and `FLUSH_S` after it was begun
+        or sooner when nothing more is arriving — so a slow or stalled link has what it sent on disk and in
+        the progress. The first bytes of a body written from 0 are looked at before any is kept. What was
+        received before an error or a stop is still written and hashed, so a resume asks for exactly the
+        rest. Sets `self.offset` (= bytes in the part = bytes hashed) when done, however it ends."""
+        assert self.fh is not None
+        fd = self.fh.fileno()
+        hasher, offset = self.hasher, self.offset
+        sniff = SNIFF_BYTES if offset == 0 else 0  # bytes needed before the error-page check; 0: checked
+        free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(BUFFERS):
+            free.put(bytearray(BUFFER_BYTES))
+        hashing: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
+
+        def hash_loop() -> None:
+            while (item := hashing.get()) is not None:
+                buf, n = item
+                hasher.update(memoryview(buf)[:n])
+                free.put(buf)
+
+        hash_thread = threading.Thread(target=hash_loop, name="nyx-download-hash", daemon=True)
+        hash_thread.start()
         # Flush to disk in the background as we go, so the fsync before the rename has little left to do
         # (on a 1 GiB file it was a quarter of the time when left to the end).
         next_sync = offset + SYNC_EVERY_BYTES
-        syncing: asyncio.Future[None] | None = None
+        syncing: threading.Thread | None = None
+        last_post = 0.0
         try:
-            async for chunk in chunks:
-                write(chunk)
-                update(chunk)
-                offset += len(chunk)
-                meter.update(offset)
-                if offset >= next_sync and (syncing is None or syncing.done()):
-                    fh.flush()
-                    syncing = asyncio.ensure_future(asyncio.to_thread(os.fdatasync, fh.fileno()))
+            while not source.done and not stop.is_set():
+                buf = free.get()
+                mv = memoryview(buf)
+                n, error = 0, None
+                t0 = time.monotonic()
+                try:
+                    while n < BUFFER_BYTES:
+                        if n and n >= sniff:
+                            left = t0 + FLUSH_S - time.monotonic()
+                            if stop.is_set() or left <= 0 or not source.wait(left):
+                                break
+                        got = source.readinto(mv[n:])
+                        if got == 0:
+                            break
+                        n += got
+                except Exception as e:  # written first (below), raised after
+                    error = e
+                if sniff:
+                    if n < sniff and not source.done:  # cut short before the body could be judged: keep nothing
+                        if error is not None:
+                            raise error
+                        return
+                    self._refuse_error_page(resp, bytes(mv[: min(n, 4 * SNIFF_BYTES)]))
+                    sniff = 0
+                if n:
+                    _pwrite_all(fd, mv[:n], offset)
+                    offset += n
+                    hashing.put((buf, n))
+                else:
+                    free.put(buf)
+                if error is not None:
+                    raise error
+                if offset >= next_sync and (syncing is None or not syncing.is_alive()):
+                    syncing = threading.Thread(target=_fdatasync_quietly, args=(fd,), daemon=True)
+                    syncing.start()
                     next_sync = offset + SYNC_EVERY_BYTES
+                if post is not None and (now := time.monotonic()) - last_post >= PROGRESS_INTERVAL_S / 2:
+                    last_post = now
+                    post(offset)
         finally:
+            hashing.put(None)
+            hash_thread.join()
+            if syncing is not None:  # never let the file be closed under a sync still running
+                syncing.join()
             self.offset = offset
-            if syncing is not None:  # never close the file under a sync still running in its thread
-                await asyncio.wait({syncing})
-                if not syncing.cancelled():
-                    syncing.exception()  # consumed: a failed background sync is redone by the final fsync
-
-    def _write(self, fh: IO[bytes], data: bytes) -> None:
-        fh.write(data)
-        self.hasher.update(data)
-        self.offset += len(data)
-        self.meter.update(self.offset)
 
     def _refuse_error_page(self, resp: httpx.Response, first: bytes) -> None:
         if Path(self.name).suffix.lower() in _TEXT_SUFFIXES:
@@ -690,7 +994,8 @@ class _Fetcher:
             return None
         if self.file.size is not None and st.st_size != self.file.size:
             return None
-        if self.expected_sha and await asyncio.to_thread(_hash_path, final) != self.expected_sha:
+        stop = threading.Event()
+        if self.expected_sha and await _joined(lambda: _hash_path(final, stop), stop) != self.expected_sha:
             return None
         self.meter.label = (self.subdir / self.name).as_posix()
         self.meter.total = st.st_size
@@ -757,13 +1062,22 @@ class _Fetcher:
 
 async def _read_some(resp: httpx.Response, limit: int) -> bytes:
     """Up to `limit` bytes of an error body, for the message (never the whole thing)."""
-    out = b""
-    with contextlib.suppress(httpx.HTTPError):
-        async for chunk in resp.aiter_raw():
-            out += chunk
-            if len(out) >= limit:
-                break
-    return out[:limit]
+
+    def read() -> bytes:
+        out = b""
+        with contextlib.suppress(httpx.HTTPError):
+            for chunk in resp.iter_raw():
+                out += chunk
+                if len(out) >= limit:
+                    break
+        return out[:limit]
+
+    return await _joined(read, threading.Event(), lambda: _interrupt(resp))
+
+
+def _close_response(resp: httpx.Response) -> None:
+    with contextlib.suppress(Exception):
+        resp.close()
 
 
 def _fmt(n: int) -> str:
@@ -807,7 +1121,7 @@ async def fetch(
     file: RemoteFile,
     dest_dir: Path,
     *,
-    client: httpx.AsyncClient | None = None,
+    client: Client | httpx.AsyncClient | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     cancel: asyncio.Event | None = None,
     retries: int = 5,
@@ -825,14 +1139,14 @@ async def fetch(
 
     `on_progress` gets `Progress` at most ~5 times a second plus once at the end; its `filename` is the path
     relative to `dest_dir`. Raises `DownloadError` (see its `retryable`/`status`/`fix`), or
-    `DownloadCancelled` when `cancel` was set (the part is kept). Pass `client` to share connections; put auth
-    in `file.headers`, never in the client's default headers (those would follow redirects to any host).
+    `DownloadCancelled` when `cancel` was set (the part is kept). Pass `client` (from `make_client`) to share
+    connections; put auth in `file.headers`, never in the client's default headers (those would follow
+    redirects to any host).
     """
     label = file.source or sidecar.redact_url(file.url)
     if cancel is not None and cancel.is_set():
         raise DownloadCancelled(f"cancelled before start: {label}", path=label)
-    own = client is None
-    http = client if client is not None else make_client()
+    http, own = _as_client(client)
     try:
         fetcher = _Fetcher(
             file,
@@ -847,7 +1161,7 @@ async def fetch(
         return result
     finally:
         if own:
-            await http.aclose()
+            http.close()
 
 
 async def fetch_all(
@@ -856,7 +1170,7 @@ async def fetch_all(
     *,
     concurrency: int = 4,
     fail_fast: bool = False,
-    client: httpx.AsyncClient | None = None,
+    client: Client | httpx.AsyncClient | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     cancel: asyncio.Event | None = None,
     retries: int = 5,
@@ -883,8 +1197,7 @@ async def fetch_all(
                 )
             seen[p] = i
     sem = asyncio.Semaphore(max(1, concurrency))
-    own = client is None
-    http = client if client is not None else make_client()
+    http, own = _as_client(client)
 
     async def one(f: RemoteFile) -> Path:
         async with sem:
@@ -908,7 +1221,7 @@ async def fetch_all(
         gathered = await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         if own:
-            await http.aclose()
+            http.close()
     results: list[Path | BaseException] = []
     for f, r in zip(todo, gathered, strict=True):
         if isinstance(r, asyncio.CancelledError):

@@ -36,7 +36,8 @@ class NativeTrainer:
     """Nyx's own engine (`python -m nyx_tui.trainers.native JOB_DIR`)."""
 
     name: str = BackendKind.NATIVE.value
-    families: tuple[Family, ...] = (Family.SD15, Family.SD2, Family.SDXL)  # trainers.native.models loads these
+    # trainers.native.models loads the UNet families, trainers.native.flow_files the flow-matching ones
+    families: tuple[Family, ...] = (Family.SD15, Family.SD2, Family.SDXL, Family.FLUX, Family.SD3)
     networks: tuple[NetworkKind, ...] = tuple(NetworkKind)  # trainers.native.networks builds every one
     optimizers: tuple[OptimizerKind, ...] = tuple(OptimizerKind)  # trainers.native.optim builds every one
 

@@ -4,8 +4,15 @@ bucket settings, and the kohya `N_name` parent folders. Torch-free (the config c
 Each conflict is an error naming both fields and the fix:
 - latent caching with `dataset.random_crop` or `dataset.color_aug`: the cache holds one encode per image,
   so every epoch would train on the same crop / colours. (`flip_aug` is fine: both sides are cached.)
-- text-encoder output caching with caption shuffling, caption or tag dropout, or a trained text encoder:
-  the cache holds one output per caption, computed by the frozen encoder.
+- text-encoder output caching (in memory or `_to_disk`) with caption shuffling, caption or tag dropout, or a
+  trained text encoder: the cache holds one output per caption, computed by the frozen encoder. This holds
+  for Flux and SD3 as for the UNet families. SD3's per-encoder dropout (`flow.clip_l/clip_g/t5_dropout_rate`)
+  is *allowed* with the cache: it zeroes an encoder's part of a caption's conditioning, which the loop does
+  to the cached rows at every step (as sd-scripts' `drop_cached_text_encoder_outputs`), drawn from the same
+  seeded generator as without the cache — nothing has to be encoded twice (no "unconditioned" caching).
+- flow models (`flow_problems`): Flux packs the latent in 2×2 patches and SD3 cuts it into 2×2 patches, so
+  every image side must be a multiple of 16 pixels (resolution, bucket steps); the Huber `snr` schedule needs
+  a DDPM noise schedule that flow matching has not.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nyx_tui.config.errors import Problem
-from nyx_tui.config.fields import Family
+from nyx_tui.config.fields import FLOW_FAMILIES, Family
 from nyx_tui.config.model import TrainingConfig
 from nyx_tui.trainers.native import subsets
 
@@ -44,7 +51,7 @@ def caching_problems(cfg: TrainingConfig) -> list[Problem]:
                         "training.cache_latents_to_disk",
                     )
                 )
-    if cfg.training.cache_text_encoder_outputs:
+    if cfg.training.cache_text_encoder_outputs or cfg.training.cache_text_encoder_outputs_to_disk:
         varying = [
             ("dataset.shuffle_caption", ds.shuffle_caption, "false"),
             ("dataset.caption_dropout_rate", ds.caption_dropout_rate > 0, "0"),
@@ -173,9 +180,47 @@ def _folder_problems(key: str, parent: Path) -> list[Problem]:
     return out
 
 
+FLOW_SIDE = 16  # pixels: 8× VAE downsampling, then 2×2 patches (Flux's packing, SD3's patch_size 2)
+
+
+def flow_problems(cfg: TrainingConfig) -> list[Problem]:
+    """Flux/SD3 conflicts sd-scripts only finds after loading (or as a shape error in the first step)."""
+    if cfg.model.family not in FLOW_FAMILIES:
+        return []
+    out: list[Problem] = []
+    ds, tr, fam = cfg.dataset, cfg.training, cfg.model.family.value
+    if ds.resolution % FLOW_SIDE:
+        out.append(
+            Problem(
+                "dataset.resolution",
+                f"is {ds.resolution}; {fam} cuts the latent into 2×2 patches, so image sides must be multiples of "
+                f"{FLOW_SIDE} pixels",
+                f"set dataset.resolution = {max(FLOW_SIDE, ds.resolution - ds.resolution % FLOW_SIDE)}",
+            )
+        )
+    if ds.enable_bucket and ds.bucket_reso_steps % FLOW_SIDE:
+        out.append(
+            Problem(
+                "dataset.bucket_reso_steps",
+                f"is {ds.bucket_reso_steps}; {fam} needs bucket sides in multiples of {FLOW_SIDE} pixels (2×2 "
+                "latent patches)",
+                "set dataset.bucket_reso_steps = 64 (or another multiple of 16)",
+            )
+        )
+    if tr.loss_type.value in ("huber", "smooth_l1") and tr.huber_schedule.value == "snr":
+        out.append(
+            Problem(
+                "training.huber_schedule",
+                "'snr' needs a DDPM noise schedule; flow-matching models have none",
+                "set training.huber_schedule = 'constant' or 'exponential'",
+            )
+        )
+    return out
+
+
 def data_problems(cfg: TrainingConfig) -> list[Problem]:
-    """Every data-option problem of `cfg` (conflicts, buckets, parent folders). Never raises."""
-    out = caching_problems(cfg) + bucket_problems(cfg)
+    """Every data-option problem of `cfg` (conflicts, buckets, flow-model sizes, parent folders). Never raises."""
+    out = caching_problems(cfg) + bucket_problems(cfg) + flow_problems(cfg)
     ds = cfg.dataset
     for key, parent in (("dataset.train_data_dir", ds.train_data_dir), ("dataset.reg_data_dir", ds.reg_data_dir)):
         if parent:

@@ -1,4 +1,4 @@
-"""The native training loop for SD1.5, SD2 and SDXL LoRAs: load, then step, report, obey commands, save.
+"""The native training loop for SD1.5, SD2, SDXL, Flux.1 and SD3 LoRAs: load, then step, report, obey commands, save.
 
 One function, `train`, reads top to bottom like nanoGPT's loop: build the data (and the validation split),
 load the model, add the adapter, make the optimizer and schedule, resume a saved state if asked, then per
@@ -22,6 +22,16 @@ demo still runs at ~19 ms a step on 2 cores), so it stays on there too. The lear
 optimizer steps. Mixed precision is a GPU feature: on the CPU a request for fp16/bf16 is logged as a
 warning and the run is fp32.
 
+Flux and SD3 (`model.family` in FLOW_FAMILIES) take the same loop with three pieces swapped: the model
+comes from `flow_files.load_flow_model` (a `FlowModel`, whose `.unet` is the transformer, so adapters,
+checkpointing and `accelerator.prepare` need no second path), captions are encoded by
+`flow_models.encode_text` and the loss is `flow_losses.training_loss` (flow matching with sd-scripts'
+`flow.*` options). Memory modes for them, in this order before the adapter attaches: the frozen transformer
+quantized (`training.base_quantization`), T5 kept on the CPU (`flow.t5_on_cpu`), the text encoders' outputs
+cached and the encoders moved off the device when they do not train, blocks swapped to the CPU
+(`flow.blocks_to_swap`) and CPU-offloaded checkpointing (`training.cpu_offload_checkpointing`), the
+quantization, swapping and offloading built from `memory`'s pieces.
+
 Reproducibility: `torch.manual_seed(seed)` before the adapter is created (its init is random), one seeded
 `torch.Generator` for the data order and per-item augmentation, another for VAE sampling, noise and
 timesteps. Same seed, data and config → the same losses.
@@ -43,6 +53,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from nyx_tui.config.fields import FLOW_FAMILIES
 from nyx_tui.config.model import TrainingConfig
 from nyx_tui.jobs.control import ControlReader
 from nyx_tui.jobs.events import EventWriter
@@ -51,9 +62,14 @@ from nyx_tui.trainers.native import (
     LOAD_STAGES,
     data,
     distributed,
+    flow_files,
+    flow_losses,
+    flow_models,
+    flow_names,
     latents,
     lora_io,
     losses,
+    memory,
     models,
     networks,
     optim,
@@ -187,12 +203,27 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
 
     # ---------------------------------------------------------------- model + adapter
     report.stage(2)
-    model = models.load_model(cfg.model, max_token_length=cfg.dataset.max_token_length)
-    report.log(models.describe(model))
-    for level, message in losses.prepare_noise_schedule(model, tr):  # zero terminal SNR; checks needing the model
-        report.log(message, level)
-    models.freeze(model)
-    models.place(model, device, weight_dtype)  # every part, SDXL's second text encoder too
+    flow = cfg.model.family in FLOW_FAMILIES
+    model: models.SDModel | flow_models.FlowModel
+    swapper: memory.BlockSwapper | None = None  # flow.blocks_to_swap
+    keep_placed = False  # the flow memory modes place the transformer themselves: accelerate must not move it
+    if flow:
+        model = flow_files.load_flow_model(cfg.model, cfg.flow.t5_max_token_length)
+        report.log(flow_models.describe(model))
+        for level, message in flow_losses.check(tr, cfg.flow):
+            report.log(message, level)
+        flow_models.freeze(model)
+        keep_placed = tr.base_quantization.value != "none" or bool(cfg.flow.blocks_to_swap)
+        # with those modes the transformer stays on the CPU here: only compact or non-swapped weights move
+        flow_models.place(model, device, weight_dtype, t5_on_cpu=cfg.flow.t5_on_cpu, transformer=not keep_placed)
+        quantize_base(model, cfg, device, weight_dtype, report)  # before the adapters: they wrap the quantized layers
+    else:
+        model = models.load_model(cfg.model, max_token_length=cfg.dataset.max_token_length)
+        report.log(models.describe(model))
+        for level, message in losses.prepare_noise_schedule(model, tr):  # zero terminal SNR; checks needing the model
+            report.log(message, level)
+        models.freeze(model)
+        models.place(model, device, weight_dtype)  # every part, SDXL's second text encoder too
     latent_cache = latents.prepare_latent_cache(
         model,
         items + val_items,
@@ -203,6 +234,8 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
         wait_for_everyone=accelerator.wait_for_everyone,
     )
     text_cache = latents.prepare_text_cache(model, [i.caption for i in items + val_items], cfg, device, report)
+    if isinstance(model, flow_models.FlowModel) and text_cache is not None and not cfg.network.train_text_encoder:
+        unload_text_encoders(model, report, keep=bool(cfg.sampling.prompts))
     report.stage(3)
     seed_everything(tr.seed)
     network = networks.attach(model, cfg)
@@ -215,7 +248,19 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
     if tr.full_bf16:  # the trained weights too: their gradients and the optimizer state follow their dtype
         for p in params:
             p.data = p.data.to(torch.bfloat16)
-    if tr.gradient_checkpointing:
+    if isinstance(model, flow_models.FlowModel):
+        if cfg.flow.blocks_to_swap:  # after the adapters (their weights stay on the device), before the optimizer
+            swapper = memory.make_block_swapper(model.transformer, cfg.flow.blocks_to_swap, device)
+            assert swapper is not None
+            swapper.place(model.transformer)
+            report.log(
+                f"block swap: {len(swapper.swapped)} of {len(swapper.blocks)} transformer blocks live on the CPU "
+                f"({swapper.offloaded_bytes() / 2**20:.1f} MiB) and visit {device} one at a time"
+            )
+        memory.checkpointing(model.transformer, tr.gradient_checkpointing, tr.cpu_offload_checkpointing)
+        if tr.cpu_offload_checkpointing:
+            report.log("gradient checkpointing keeps each block's inputs in CPU memory (cpu_offload_checkpointing)")
+    elif tr.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     network.train()  # the parts with adapters train (UNet, text encoders if trained); frozen ones stay in eval
     report.log(network.describe())
@@ -225,7 +270,10 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
     opt = cfg.optimizer
     optimizer = optim.build_optimizer(opt, network.param_groups())  # schedule-free ones: in train mode
     lr_scheduler = optim.build_scheduler(cfg.scheduler, optimizer, plan.total_steps)
-    unet, optimizer = accelerator.prepare(model.unet, optimizer)
+    if keep_placed:  # accelerate would move every weight to the device, the swapped and the CPU-quantized too
+        unet, optimizer = accelerator.prepare(model.unet, optimizer, device_placement=[False, True])
+    else:
+        unet, optimizer = accelerator.prepare(model.unet, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler, gens, *network.checkpoint_objects())  # + TE adapters
     accelerator.register_save_state_pre_hook(keep_trainable_weights)
     ema = LoraEMA(params, tr.ema_decay) if tr.ema_decay else None
@@ -295,11 +343,12 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
             epoch=epoch,
             num_epochs=num_epochs,
             max_train_steps=plan.total_steps,
+            model_type=flow_names.model_type(model) if flow else None,
         )
         # the saved LoRA holds the EMA weights when there is one; written inside the swap, since the state
         # dict's tensors may be the parameters themselves (fp32 on the CPU: `.to` returns them as they are)
         with ema.swapped() if ema else nullcontext():
-            path = lora_io.save_lora(path, network.kohya_state_dict(save_dtype), meta)
+            path = lora_io.save_lora(path, network.file_state_dict(save_dtype), meta)
         report.emit("artifact", path=str(path), what="lora", step=step)
         print(f"saved {path}", flush=True)
 
@@ -337,6 +386,17 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
         """The loss of one batch (latents, text conditioning, then noise and timesteps from `gen`); training
         passes the (DDP-wrapped) UNet, validation the bare one."""
         lat = latents.batch_latents(model, batch, gen, device, weight_dtype, latent_cache)
+        if isinstance(model, flow_models.FlowModel):
+            if text_cache is not None:  # SD3's encoder dropout on the cached rows, drawn as without the cache
+                fcond = flow_models.drop_encoders(
+                    model, text_cache.conditioning(batch["captions"], device), cfg.flow, gen
+                )
+            else:
+                with nullcontext() if network.trains_text_encoder else torch.no_grad():
+                    fcond = flow_models.encode_text(model, batch["captions"], device, cfg.flow, gen)
+            return flow_losses.training_loss(
+                model, denoiser, lat, fcond, batch, gen, tr, cfg.flow, device, weight_dtype
+            )
         if text_cache is not None:
             cond = text_cache.conditioning(batch["captions"], device)
         else:
@@ -360,6 +420,8 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
     # ---------------------------------------------------------------- samples
     sample_jobs = sampling.jobs(cfg)  # parsed on every process (cheap); only the main one renders
     renderer = sampling.SampleRenderer(cfg, model, out_dir / "samples") if accelerator.is_main_process else None
+    for message, level in getattr(renderer, "notes", []):  # flow models: what their samples do unlike the config
+        report.log(message, level)
 
     def render_samples(step: int) -> None:
         """`sampling.prompts` at the weights that would be saved now (the EMA, a schedule-free optimizer's
@@ -500,6 +562,47 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
         report.emit("metric", name="peak_vram_gib", value=round(peak, 3), step=step)
     report.log(f"{'stopped' if stopped else 'finished'} at step {step} in {time.time() - started_at:.1f} s")
     return 0
+
+
+def unload_text_encoders(model: flow_models.FlowModel, report: Reporter, keep: bool = False) -> None:
+    """Once every caption's text-encoder outputs are cached and no encoder trains, the encoders leave the
+    device (T5-XXL alone is ~9 GB in bf16): they move to the CPU, where a caption the cache has not seen is
+    still encoded (`flow_models.encode_text` runs each encoder where its weights are). Moved, not deleted:
+    sampling builds its pipeline from them, and that pipeline encodes on the transformer's device, so with
+    sample prompts (`keep`) they stay where they are."""
+    if keep:
+        report.log("text-encoder outputs cached; the encoders stay on the device for sampling.prompts")
+        return
+    moved = [e for e in model.text_encoders if next(e.parameters()).device.type != "cpu"]
+    for encoder in moved:
+        encoder.to("cpu")
+    if moved and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    report.log(
+        f"text encoders unloaded from the device ({len(moved)} moved to the CPU): their outputs are cached"
+        if moved
+        else "text-encoder outputs cached; the encoders are on the CPU already"
+    )
+
+
+def quantize_base(
+    model: flow_models.FlowModel, cfg: TrainingConfig, device: torch.device, dtype: torch.dtype, report: Reporter
+) -> None:
+    """`training.base_quantization`: the frozen transformer blocks' linear layers stored as fp8/int8/nf4 and
+    upcast to `dtype` per layer (`memory.quantize_frozen`), before the adapters attach. Without block swapping
+    the compact layers go to the device as they are made (a bf16 Flux never has to fit there whole) and the
+    rest of the transformer follows; with it everything stays on the CPU until the swapper places it."""
+    mode = cfg.training.base_quantization.value
+    if mode == "none":
+        if not cfg.flow.blocks_to_swap:
+            model.transformer.to(device)
+        return
+    memory.check_adapter_support(mode, cfg.network.kind.value)
+    swap = bool(cfg.flow.blocks_to_swap)
+    done = memory.quantize_frozen(model.transformer, mode, dtype, device=None if swap else device)
+    if not swap:
+        model.transformer.to(device)
+    report.log(f"base quantization: {done.describe()}")
 
 
 def resume_state(

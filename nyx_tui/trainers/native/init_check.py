@@ -17,6 +17,9 @@ In order (a problem in 1 or 2 stops the checks after it; 3 and 4 are the UNet fa
    them per block, which needs the model's layout: then the engine checks them, when it loads the file
    (`init_weights`), with the exact shapes.
 Each mismatch is named with the setting that fixes it (`set network.dim = 4`).
+Flux/SD3 files get steps 1 and 2 here (their network kinds: `network_check` refuses LoHa/LoKr there); their
+fused q/k/v modules are split for the network and checked module by module when the engine loads the file
+(`init_weights.split_flow_state`), where the model's block layout is known.
 """
 
 from __future__ import annotations

@@ -16,8 +16,10 @@ holds the mirrored image's latents too (sd-scripts does the same); a random crop
 freeze one variant, so the pre-flight check refuses caching with those.
 
 The text-encoder output cache (`training.cache_text_encoder_outputs`) keeps `models.encode_text`'s
-`Conditioning` per caption in memory; the check refuses it with caption shuffling and dropout, and a
-caption it has not seen is encoded when it comes (and kept).
+`Conditioning` (Flux/SD3: `flow_models.encode_text`'s `FlowConditioning`) per caption in memory; the check
+refuses it with caption shuffling and dropout, and a caption it has not seen is encoded when it comes (and
+kept). With `training.cache_text_encoder_outputs_to_disk` the rows are also files under
+`<cache>/text/`, named by a hash of the caption, the encoders' weights and the encoding settings.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ from nyx_tui.config.model import TrainingConfig
 from nyx_tui.trainers.native import data, models
 from nyx_tui.trainers.native.buckets import Geometry
 from nyx_tui.trainers.native.data_check import caching_problems
+from nyx_tui.trainers.native.flow_models import FlowModel
+
+AnyModel = models.SDModel | FlowModel  # what the VAE and text helpers here take
 
 CACHE_VERSION = 1  # part of every key: bump when what an entry holds changes
 PROGRESS_EVERY_S = 0.5
@@ -77,14 +82,15 @@ class LatentCache:
 
 @torch.no_grad()
 def batch_latents(
-    model: models.SDModel,
+    model: AnyModel,
     batch: dict[str, Any],
     gen: torch.Generator,
     device: torch.device,
     dtype: torch.dtype,
     cache: LatentCache | None = None,
 ) -> torch.Tensor:
-    """Latents of the batch's images: a sample of the VAE posterior (seeded), scaled. The posterior comes
+    """Latents of the batch's images: a sample of the VAE posterior (seeded), shifted (flow models) and scaled. The
+    cache holds the posterior, not the shifted latents, so one entry serves both. The posterior comes
     from the cache when it holds every image of the batch, else from encoding `batch["pixels"]`."""
     if cache is not None and "images" in batch and cache.covers(batch):
         mean, std = (t.to(device, dtype) for t in cache.posterior(batch))
@@ -92,10 +98,13 @@ def batch_latents(
         posterior = model.vae.encode(batch["pixels"].to(device, vae_dtype(model))).latent_dist
         mean, std = posterior.mean.to(dtype), posterior.std.to(dtype)
     eps = torch.randn(mean.shape, generator=gen).to(device, dtype)
+    shift = model.vae.config.get("shift_factor")
+    if shift:  # Flux's and SD3's VAEs: (sample − shift)·scale, as their pipelines encode; SD VAEs have none
+        return (mean + std * eps - shift) * model.vae.config.scaling_factor
     return (mean + std * eps) * model.vae.config.scaling_factor
 
 
-def vae_dtype(model: models.SDModel) -> torch.dtype:
+def vae_dtype(model: AnyModel) -> torch.dtype:
     """The dtype the VAE computes in (its weights'), whatever the training's weight dtype is."""
     return next(model.vae.parameters()).dtype
 
@@ -166,7 +175,7 @@ def _write_entry(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def _encode(model: models.SDModel, pixels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode(model: AnyModel, pixels: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     dist = model.vae.encode(pixels.to(device, vae_dtype(model))).latent_dist
     return dist.mean.cpu(), dist.std.cpu()
 
@@ -185,7 +194,7 @@ def _with_geometry(item: data.Item, resolution: int) -> tuple[data.Item, Geometr
 
 
 def build_latent_cache(
-    model: models.SDModel,
+    model: AnyModel,
     items: Iterable[data.Item],
     *,
     resolution: int,
@@ -257,7 +266,7 @@ def build_latent_cache(
 
 
 def prepare_latent_cache(
-    model: models.SDModel,
+    model: AnyModel,
     items: list[data.Item],
     cfg: TrainingConfig,
     *,
@@ -303,26 +312,72 @@ def _refuse_conflicts(cfg: TrainingConfig, field: str) -> None:
 
 
 class TextCache:
-    """`models.encode_text` outputs per caption, on the CPU; `conditioning` stacks a batch's rows."""
+    """Text-encoder outputs per caption, on the CPU; `conditioning` stacks a batch's rows.
 
-    def __init__(self, model: models.SDModel, device: torch.device) -> None:
+    `encode` turns a list of captions into a conditioning dataclass (`models.Conditioning` for the UNet
+    families, `flow_models.FlowConditioning` for Flux/SD3; `kind` is that class); by default
+    `models.encode_text`. With `root` every caption's row is also a safetensors file there, named by a hash
+    of the caption and `fingerprint` (the encoders' weights and the encoding settings): a later run with the
+    same captions and encoders reads them instead of encoding (`reused`). A field that is None (a Flux
+    conditioning without a T5 mask) is not written and reads back as None.
+    """
+
+    def __init__(
+        self,
+        model: AnyModel,
+        device: torch.device,
+        encode: Callable[[list[str]], Any] | None = None,
+        kind: type | None = None,
+        root: Path | None = None,
+        fingerprint: str = "",
+    ) -> None:
         self.model, self.device = model, device
+        self.encode: Callable[[list[str]], Any] = encode or (
+            lambda captions: models.encode_text(model, captions, device)  # type: ignore[arg-type]
+        )
         self.rows: dict[str, dict[str, Any]] = {}
-        self.kind: type[models.Conditioning] = models.Conditioning  # the class encode_text returns
+        self.kind: type = kind or models.Conditioning  # the class `encode` returns
+        self.root, self.fingerprint = root, fingerprint
         self.encoded = 0
+        self.reused = 0
+
+    def _file(self, caption: str) -> Path:
+        assert self.root is not None
+        key = hashlib.sha256(
+            json.dumps({"v": CACHE_VERSION, "caption": caption, "encoders": self.fingerprint}).encode()
+        ).hexdigest()
+        return entry_path(self.root, key)
+
+    def _read(self, caption: str) -> dict[str, Any] | None:
+        try:
+            tensors = load_file(self._file(caption))
+        except Exception:  # missing or unreadable: encode again
+            return None
+        names = [f.name for f in dataclasses.fields(self.kind)]
+        if not set(tensors) <= set(names):
+            return None
+        return {name: tensors.get(name) for name in names}
 
     @torch.no_grad()
     def fill(self, captions: Iterable[str], batch_size: int = 16) -> None:
         todo = [c for c in dict.fromkeys(captions) if c not in self.rows]
+        if self.root is not None:
+            found = {c: row for c in todo if (row := self._read(c)) is not None}
+            self.rows.update(found)
+            self.reused += len(found)
+            todo = [c for c in todo if c not in found]
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            cond = models.encode_text(self.model, chunk, self.device)
+            cond = self.encode(chunk)
             self.kind = type(cond)
             for i, caption in enumerate(chunk):
-                self.rows[caption] = {f.name: _row(getattr(cond, f.name), i) for f in dataclasses.fields(cond)}
+                row = {f.name: _row(getattr(cond, f.name), i) for f in dataclasses.fields(cond)}
+                self.rows[caption] = row
+                if self.root is not None:
+                    _write_entry(self._file(caption), {k: v for k, v in row.items() if isinstance(v, torch.Tensor)})
             self.encoded += len(chunk)
 
-    def conditioning(self, captions: list[str], device: torch.device) -> models.Conditioning:
+    def conditioning(self, captions: list[str], device: torch.device) -> Any:
         self.fill(captions)
         rows = [self.rows[c] for c in captions]
         values = {name: _stack([r[name] for r in rows], device) for name in rows[0]}
@@ -339,15 +394,73 @@ def _stack(values: list[Any], device: torch.device) -> Any:
     return values[0]
 
 
+def module_fingerprint(module: Any) -> str:
+    """A hash of a network's class, config (diffusers' dict or transformers' `to_dict`) and every weight."""
+    config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+    h = hashlib.sha256(type(module).__name__.encode())
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        h.update(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def text_fingerprint(model: AnyModel, settings: dict[str, Any]) -> str:
+    """What decides a caption's text-encoder outputs: every encoder (weights, dtype, config), every tokenizer's
+    vocabulary and the encoding settings (token lengths, masks). Hashing the weights reads them all once
+    (seconds for T5-XXL), and only when the cache goes to disk."""
+    h = hashlib.sha256(json.dumps({"family": model.family.value, **settings}, sort_keys=True, default=str).encode())
+    for encoder in model.text_encoders:
+        h.update(module_fingerprint(encoder).encode())
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tokenizer = getattr(model, name, None)
+        if tokenizer is not None:
+            h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    return h.hexdigest()
+
+
+def default_text_root() -> Path:
+    return paths.cache_dir() / "text"
+
+
 def prepare_text_cache(
-    model: models.SDModel, captions: Iterable[str], cfg: TrainingConfig, device: torch.device, report: Reporter | None
+    model: AnyModel,
+    captions: Iterable[str],
+    cfg: TrainingConfig,
+    device: torch.device,
+    report: Reporter | None,
+    root: Path | None = None,
 ) -> TextCache | None:
-    """Every caption's text-encoder outputs, when `training.cache_text_encoder_outputs` is on."""
-    if not cfg.training.cache_text_encoder_outputs:
+    """Every caption's text-encoder outputs, when `training.cache_text_encoder_outputs` (or `_to_disk`, which
+    implies it) is on. Flow models encode with `flow_models.encode_text` (without SD3's encoder dropout,
+    which the loop applies to the cached rows, drawn from the seeded generator as without the cache)."""
+    tr = cfg.training
+    if not (tr.cache_text_encoder_outputs or tr.cache_text_encoder_outputs_to_disk):
         return None
     _refuse_conflicts(cfg, "training.cache_text_encoder_outputs")
-    cache = TextCache(model, device)
-    cache.fill(captions, batch_size=max(1, cfg.training.batch_size))
+    encode: Callable[[list[str]], Any] | None = None
+    kind: type | None = None
+    settings: dict[str, Any] = {"max_token_length": cfg.dataset.max_token_length}
+    if isinstance(model, FlowModel):
+        from nyx_tui.trainers.native import flow_models
+
+        flow_model, flow_cfg = model, cfg.flow
+        encode = lambda chunk: flow_models.encode_text(flow_model, chunk, device, flow_cfg)  # noqa: E731
+        kind = flow_models.FlowConditioning
+        settings = {
+            "t5_max_token_length": model.t5_max_token_length,
+            "apply_t5_attn_mask": flow_cfg.apply_t5_attn_mask,
+            "apply_lg_attn_mask": flow_cfg.apply_lg_attn_mask if model.family.value == "sd3" else False,
+        }
+    disk = (root or default_text_root()) if tr.cache_text_encoder_outputs_to_disk else None
+    fingerprint = text_fingerprint(model, settings) if disk is not None else ""
+    cache = TextCache(model, device, encode=encode, kind=kind, root=disk, fingerprint=fingerprint)
+    cache.fill(captions, batch_size=max(1, tr.batch_size))
     if report is not None:
-        report.log(f"text-encoder outputs cached for {len(cache.rows)} captions")
+        where = f" ({cache.reused} reused, {cache.encoded} encoded, on disk in {disk})" if disk is not None else ""
+        report.log(
+            f"text-encoder outputs cached for {len(cache.rows)} captions{where}",
+            reused=cache.reused,
+            encoded=cache.encoded,
+        )
     return cache

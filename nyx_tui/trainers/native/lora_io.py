@@ -24,14 +24,17 @@ import safetensors.torch
 import torch
 from peft.utils import get_peft_model_state_dict
 
-from nyx_tui.config.fields import Family
+from nyx_tui.config.fields import FLOW_FAMILIES, Family
 from nyx_tui.config.model import TrainingConfig
 from nyx_tui.families import base_model_version, modelspec_architecture
 from nyx_tui.trainers.native.kohya_names import SDXL_LAYOUT, UNetLayout, sgm_path
 from nyx_tui.trainers.native.loss_check import loss_metadata
 
 SAVE_DTYPES: dict[str, torch.dtype] = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"  # sd-scripts' for SDXL LoRAs
+SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"  # sd-scripts' for SDXL and SD3 LoRAs
+FLUX_IMPLEMENTATION = "https://github.com/black-forest-labs/flux"  # sd-scripts' for Flux LoRAs
+# sd-scripts' network module of a LoRA per flow family (its lora_flux.py / lora_sd3.py)
+FLOW_NETWORK_MODULES = {Family.FLUX: "networks.lora_flux", Family.SD3: "networks.lora_sd3"}
 
 
 # peft's key parts → kohya's suffixes
@@ -137,13 +140,20 @@ def network_module_args(cfg: TrainingConfig) -> tuple[str, dict[str, str]]:
     kind = net.kind.value
     args: dict[str, str] = {}
     lycoris = kind != "lora"
+    family = cfg.model.family
+    if family in FLOW_FAMILIES:
+        args.update(flow_network_args(cfg))
+        if not lycoris:
+            return FLOW_NETWORK_MODULES[family], args
     if lycoris:
         args["algo"] = "lora" if kind == "dora" else kind
         if kind == "dora":
             args["dora_wd"] = "True"
             args["wd_on_output"] = "True"
     conv_dim = net.conv_dim if net.conv_dim is not None else (net.dim if kind in ("locon", "loha", "lokr") else 0)
-    if conv_dim or net.conv_block_dims is not None:
+    if family in FLOW_FAMILIES:  # the transformers have no convolutions to adapt
+        conv_dim = 0
+    if conv_dim or (net.conv_block_dims is not None and family not in FLOW_FAMILIES):
         args["conv_dim"] = str(conv_dim)
         args["conv_alpha"] = f"{net.conv_alpha if net.conv_alpha is not None else net.alpha:g}"
     if lycoris:
@@ -166,6 +176,68 @@ def network_module_args(cfg: TrainingConfig) -> tuple[str, dict[str, str]]:
     return ("lycoris.kohya" if lycoris else "networks.lora"), args
 
 
+def flow_network_args(cfg: TrainingConfig) -> dict[str, str]:
+    """sd-scripts' network_args for the Flux/SD3 block settings, in its spelling: Flux `train_blocks`,
+    `split_qkv`, `<type>_dim` per `flow.block_type_dims` entry, `train_double_block_indices` /
+    `train_single_block_indices`; SD3 `split_qkv` and `train_block_indices` (its joint blocks)."""
+    flow = cfg.flow
+    args: dict[str, str] = {}
+    if cfg.model.family == Family.FLUX:
+        args["train_blocks"] = flow.train_blocks.value
+        for key, dim in (flow.block_type_dims or {}).items():
+            args[f"{key}_dim"] = str(dim)
+        if flow.double_block_indices is not None:
+            args["train_double_block_indices"] = ",".join(map(str, flow.double_block_indices)) or "none"
+        if flow.single_block_indices is not None:
+            args["train_single_block_indices"] = ",".join(map(str, flow.single_block_indices)) or "none"
+    elif flow.double_block_indices is not None:
+        args["train_block_indices"] = ",".join(map(str, flow.double_block_indices)) or "none"
+    args["split_qkv"] = str(flow.split_qkv)
+    return args
+
+
+def flow_metadata(cfg: TrainingConfig, model_type: str | None) -> dict[str, Any]:
+    """What sd-scripts' Flux and SD3 trainers write on top of the common metadata (their `update_metadata`,
+    `get_sai_model_spec`): the base model version (`flux1`; SD3's model type `medium`, `5-large`,
+    `5-medium`), the architecture (`flux-1-dev/lora`, `flux-1-schnell/lora`, `stable-diffusion-3-medium/lora`,
+    …), the implementation, and the flow-matching settings. Flux files carry no prediction type (sd-scripts
+    leaves it out); SD3 ones say `epsilon`, as sd-scripts writes them."""
+    flow, family = cfg.flow, cfg.model.family
+    meta: dict[str, Any] = {
+        "ss_weighting_scheme": flow.weighting_scheme.value,
+        "ss_logit_mean": flow.logit_mean,
+        "ss_logit_std": flow.logit_std,
+        "ss_mode_scale": flow.mode_scale,
+        "ss_apply_t5_attn_mask": flow.apply_t5_attn_mask,
+        "ss_timestep_sampling": flow.timestep_sampling.value,
+        "ss_sigmoid_scale": flow.sigmoid_scale,
+        "ss_discrete_flow_shift": flow.discrete_flow_shift,
+        "ss_v2": None,
+        "ss_v_parameterization": None,
+    }
+    if family == Family.FLUX:
+        variant = model_type if model_type in ("dev", "schnell") else None
+        meta |= {
+            "ss_base_model_version": "flux1",
+            "ss_model_type": "flux",
+            "ss_model_prediction_type": flow.model_prediction_type.value,
+            "ss_guidance_scale": flow.guidance_scale,
+            "modelspec.architecture": f"flux-1-{variant}/lora" if variant else "flux-1/lora",
+            "modelspec.implementation": FLUX_IMPLEMENTATION,
+            "modelspec.prediction_type": None,
+        }
+    else:
+        sd3_type = model_type or "medium"
+        meta |= {
+            "ss_base_model_version": sd3_type,
+            "ss_apply_lg_attn_mask": flow.apply_lg_attn_mask,
+            "modelspec.architecture": f"stable-diffusion-3-{sd3_type}/lora",
+            "modelspec.implementation": SGM_IMPLEMENTATION,
+            "modelspec.prediction_type": "epsilon",
+        }
+    return meta
+
+
 def build_metadata(
     cfg: TrainingConfig,
     *,
@@ -178,11 +250,14 @@ def build_metadata(
     epoch: int,
     num_epochs: int,
     max_train_steps: int | None = None,
+    model_type: str | None = None,
 ) -> dict[str, str]:
     """sd-scripts' LoRA metadata for the family's LoRA: every value a string (safetensors requires it). SD2 sets
     `ss_v2` and, with v-prediction, `ss_v_parameterization` (which sd-scripts takes as an argument but does
     not write: some readers look for it; the base model version `sd_v2_v` says it too); SDXL LoRAs name
-    Stability's generative-models as their implementation, as sd-scripts' do."""
+    Stability's generative-models as their implementation, as sd-scripts' do. Flux/SD3 add `flow_metadata`,
+    for which `model_type` names the loaded model (`flow_names.model_type`: dev, schnell; medium, 5-large,
+    5-medium)."""
     now = dt.datetime.now().timestamp()
     res = cfg.dataset.resolution
     module, network_args = network_module_args(cfg)
@@ -241,6 +316,8 @@ def build_metadata(
         "modelspec.date": dt.datetime.fromtimestamp(now).isoformat(timespec="seconds"),
         "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
     }
+    if cfg.model.family in FLOW_FAMILIES:
+        meta |= flow_metadata(cfg, model_type)
     return {k: str(v) for k, v in meta.items() if v is not None}
 
 
@@ -249,6 +326,7 @@ def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
     so a reader (or a crash) never sees half a LoRA under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = _unshared(tensors)
     model_hash, legacy_hash = safetensors_hashes(tensors, metadata)
     metadata = {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -259,6 +337,19 @@ def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor with memory of its own. Keys may share one parameter (a Flux q/k/v's shared down matrix
+    under its three diffusers names; fp32 saves where `.to` returns the parameter itself), and safetensors
+    refuses shared storage rather than write it twice."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
 
 
 def read_metadata(path: Path) -> dict[str, str]:

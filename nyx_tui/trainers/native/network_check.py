@@ -4,12 +4,15 @@ TUI's config form and `nyx config check` run it).
 Counts of blocks and the shape rules are pydantic validation (`config.model`); here are the limits of the
 libraries the engine builds the network with: peft's LoRA/DoRA have no rank or module dropout (lycoris'
 LoCon/LoHa/LoKr have), and a LyCORIS module dropout leaves parameters without gradients in some steps,
-which DDP (several processes) does not allow.
+which DDP (several processes) does not allow. Flux and SD3 files fuse q/k/v (and Flux's single-block
+linear1) into one module: LoRA, LoCon and DoRA split and fuse exactly, LoHa and LoKr do not (a Hadamard or
+Kronecker product over the fused matrix is no set of per-piece ones), so they are refused there.
 """
 
 from __future__ import annotations
 
 from nyx_tui.config.errors import Problem
+from nyx_tui.config.fields import FLOW_FAMILIES
 from nyx_tui.config.model import NetworkKind, TrainingConfig
 
 PEFT_KINDS = (NetworkKind.LORA, NetworkKind.DORA)
@@ -28,6 +31,16 @@ def network_problems(cfg: TrainingConfig) -> list[Problem]:
                     f'set network.{name} = 0, or network.kind = "locon" (LoRA with lycoris, which has it)',
                 )
             )
+    if cfg.model.family in FLOW_FAMILIES and net.kind in (NetworkKind.LOHA, NetworkKind.LOKR):
+        out.append(
+            Problem(
+                "network.kind",
+                f"{net.kind.value} cannot be saved for {cfg.model.family.value}: its LoRA files fuse q/k/v into "
+                "one module (sd-scripts' layout, what ComfyUI and Forge load), and a "
+                f"{net.kind.value} of a fused module is not one per q, k and v",
+                'set network.kind = "lora", "dora" or "locon"',
+            )
+        )
     processes = cfg.training.num_processes
     if net.module_dropout and net.kind not in PEFT_KINDS and processes > 1:
         out.append(

@@ -26,20 +26,47 @@ Which modules (sd-scripts' rules where Nyx has a field for them):
 - Block-wise lists (sd-scripts' numbering, `unet_block`) give a UNet module its rank, alpha and lr weight;
   a 0 rank or weight leaves it out, as in sd-scripts. Modules outside the numbered blocks (SD1.5's conv_in,
   time embedding, conv_out) keep `dim`/`alpha` and weight 1.
+
+Flux and SD3 (`_plan_flow`) follow sd-scripts' networks/lora_flux.py and lora_sd3.py instead, and
+`network.target_modules` does not apply: every Linear of the transformer blocks that sd-scripts adapts
+(`flow_names`' tables: attention q/k/v and output, MLP, modulation), `flow.train_blocks` (Flux: all, double,
+single), `flow.double_block_indices` (Flux double / SD3 joint blocks) and `flow.single_block_indices`, Flux's
+`flow.block_type_dims` (a rank per module type; 0 leaves the type out); text encoders CLIP-L (`lora_te1_`)
+and, for SD3, CLIP-G (`lora_te2_`), never T5. The transformer is the `unet` root (`FlowModel.unet`).
+
+Fused modules: a file's `…_attn_qkv` (and Flux's `single_blocks_N_linear1`: q, k, v and the MLP input) are
+several diffusers Linears. Each gets its own adapter (`Adapted.part`), all under the file module's name, and
+`kohya_state_dict` fuses them back (`flow_names.fuse`). `flow.split_qkv` says how:
+- false (sd-scripts' default: one rank-r LoRA on the fused Linear): the pieces share one down matrix (the
+  same parameter), each keeps its rows of the up matrix — exactly the fused LoRA, with its parameter count;
+- true (sd-scripts' split_qkv): independent rank-r adapters per piece; the file stacks them block-diagonally
+  at rank n·r, alpha n·alpha (same alpha/rank: loaders reproduce the trained output).
+Either way the file is in the fused BFL/SGM layout. LoCon (lycoris) shares the down the same way; LoHa and
+LoKr are refused for these families (`network_check`): a fused file cannot hold them. DoRA is fused by
+concatenating the per-output-channel scales (exact, as each output row belongs to one piece).
+`saving.lora_format = "diffusers"` writes the per-piece adapters under peft's keys instead
+(`diffusers_state_dict`; `file_state_dict` picks by the setting).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from nyx_tui.config.fields import Family
-from nyx_tui.config.model import UNET_BLOCK_COUNTS, NetworkKind, NetworkSection, TrainingConfig
-from nyx_tui.trainers.native import lora_io, models
+from nyx_tui.config.fields import FLOW_FAMILIES, Family
+from nyx_tui.config.model import (
+    UNET_BLOCK_COUNTS,
+    LoraFormat,
+    NetworkKind,
+    NetworkSection,
+    TrainBlocks,
+    TrainingConfig,
+)
+from nyx_tui.trainers.native import flow_names, lora_io
 
 PEFT_KINDS = (NetworkKind.LORA, NetworkKind.DORA)
 LYCORIS_KINDS = (NetworkKind.LOCON, NetworkKind.LOHA, NetworkKind.LOKR)
@@ -62,9 +89,9 @@ class Adapted:
     """One adapted module: where it is, its kohya name, rank, alpha, UNet block and learning rate; after
     `attach`, the module in place (peft's wrapper) or the lycoris module, and the trainable parameters."""
 
-    root: str  # the model part holding it: unet, text_encoder, text_encoder_2
+    root: str  # the model part holding it: unet (a flow model's transformer too), text_encoder, text_encoder_2
     path: str  # module path inside the root (diffusers / transformers names)
-    name: str  # kohya module name: lora_unet_<path with _>, lora_te_…, lora_te1_…, lora_te2_…
+    name: str  # kohya module name: lora_unet_<path with _>, lora_te_…, lora_te1_…, lora_te2_…; flow: sd-scripts'
     module: nn.Module
     conv: bool  # a convolution with a kernel larger than 1x1 (conv_dim/conv_alpha apply)
     dim: int
@@ -73,10 +100,18 @@ class Adapted:
     lr: float
     named: dict[str, nn.Parameter] = field(default_factory=dict)  # trainable, by their kohya key suffix
     lycoris: nn.Module | None = None
+    part: int | None = None  # flow: this module's place in a fused file module (q, k, v[, mlp]), else None
+    parts: int = 1  # how many diffusers modules the file module `name` is made of
+    swap: bool = False  # flow: output halves swapped in the file (SD3's context-pre-only adaLN)
 
     @property
     def params(self) -> list[nn.Parameter]:
         return list(self.named.values())
+
+    @property
+    def key(self) -> str:
+        """A name unique per adapted module: `name`, with the piece for a part of a fused file module."""
+        return self.name if self.part is None else f"{self.name}_part{self.part}"
 
 
 def unet_block(family: Family, path: str) -> int | None:
@@ -197,18 +232,82 @@ def text_encoder_name(prefix: str, path: str) -> str:
     return f"{prefix}_{path.replace('.', '_')}"
 
 
-def text_encoders(model: models.SDModel) -> list[tuple[str, Any]]:
-    """(attribute, encoder) of the model's text encoders: one for SD1.5, two for SDXL."""
+def text_encoders(model: Any) -> list[tuple[str, Any]]:
+    """(attribute, encoder) of the model's text encoders Nyx trains: one for SD1.5, two for SDXL; CLIP-L for
+    Flux (its text_encoder_2 is T5, which sd-scripts does not train by default), CLIP-L and CLIP-G for SD3."""
+    if getattr(model, "family", None) == Family.FLUX:
+        return [("text_encoder", model.text_encoder)] if model.text_encoder is not None else []
     parts = [("text_encoder", model.text_encoder), ("text_encoder_2", getattr(model, "text_encoder_2", None))]
     return [(name, enc) for name, enc in parts if enc is not None]
 
 
-def plan(model: models.SDModel, cfg: TrainingConfig) -> list[Adapted]:
-    """Every module the network adapts, UNet first, then the text encoders (with train_text_encoder)."""
+def text_encoder_prefix(family: Family, index: int, count: int) -> str:
+    """sd-scripts' prefix of the index-th text encoder: `lora_te` for SD1.5/SD2's only one; `lora_te1`,
+    `lora_te2` for SDXL's two and for Flux/SD3 (whose CLIP-L is `lora_te1` even alone)."""
+    if count == 1 and family not in FLOW_FAMILIES:
+        return "lora_te"
+    return f"lora_te{index + 1}"
+
+
+def _plan_flow(transformer: nn.Module, cfg: TrainingConfig) -> list[Adapted]:
+    """sd-scripts' Flux/SD3 modules (`flow_names.flow_modules`) the `flow` settings keep, one Adapted per
+    diffusers Linear, named after its file module."""
+    net, flow, family = cfg.network, cfg.flow, cfg.model.family
+    flux = family == Family.FLUX
+    for block, indices in (("double", flow.double_block_indices), ("single", flow.single_block_indices)):
+        count = flow_names.block_count(transformer, block)
+        beyond = sorted(i for i in indices or [] if i >= count)
+        if beyond and (flux or block == "double"):
+            what = ("double" if flux else "joint") if block == "double" else "single"
+            raise ValueError(
+                f"flow.{block}_block_indices {beyond}: the model has {count} {what} blocks (0-{count - 1})"
+            )
+    type_dims = (flow.block_type_dims or {}) if flux else {}
+    out: list[Adapted] = []
+    for fm in flow_names.flow_modules(family, transformer):
+        if flux and flow.train_blocks == TrainBlocks.DOUBLE and fm.block == "single":
+            continue
+        if flux and flow.train_blocks == TrainBlocks.SINGLE and fm.block == "double":
+            continue
+        indices = flow.single_block_indices if fm.block == "single" else flow.double_block_indices
+        if indices is not None and fm.index not in indices:
+            continue
+        dim = type_dims.get(fm.kind, net.dim)
+        if dim == 0:  # sd-scripts: a type dim of 0 leaves that type out
+            continue
+        for i, path in enumerate(fm.paths):
+            out.append(
+                Adapted(
+                    "unet",
+                    path,
+                    fm.name,
+                    transformer.get_submodule(path),
+                    False,
+                    int(dim),
+                    float(net.alpha),
+                    None,
+                    cfg.optimizer.learning_rate,
+                    part=i if fm.fused else None,
+                    parts=len(fm.paths),
+                    swap=fm.swap_halves,
+                )
+            )
+    return out
+
+
+def plan(model: Any, cfg: TrainingConfig) -> list[Adapted]:
+    """Every module the network adapts, UNet (or flow transformer) first, then the text encoders (with
+    train_text_encoder)."""
     net = cfg.network
+    flow = cfg.model.family in FLOW_FAMILIES
     out: list[Adapted] = []
     if net.train_unet:
-        unet_part = _plan_unet(model.unet, cfg)
+        unet_part = _plan_flow(model.unet, cfg) if flow else _plan_unet(model.unet, cfg)
+        if flow and not unet_part:
+            raise ValueError(
+                "the flow settings leave no transformer module to train (train_blocks, block indices, "
+                'block_type_dims all 0?); set flow.train_blocks = "all" or give the blocks a rank'
+            )
         if not unet_part:
             raise ValueError(
                 f"network.target_modules {net.target_modules} matched no UNet module (or every block has rank "
@@ -218,7 +317,7 @@ def plan(model: models.SDModel, cfg: TrainingConfig) -> list[Adapted]:
     if net.train_text_encoder:
         encoders = text_encoders(model)
         for i, (root, encoder) in enumerate(encoders):
-            prefix = "lora_te" if len(encoders) == 1 else f"lora_te{i + 1}"
+            prefix = text_encoder_prefix(cfg.model.family, i, len(encoders))
             out += _plan_text_encoder(root, prefix, encoder, cfg)
     return out
 
@@ -285,14 +384,40 @@ def _attach_lycoris(root: nn.Module, adapted: list[Adapted], net: NetworkSection
         )
         lyco.to(weight.device)
         lyco.apply_to()
-        container[a.name] = lyco
+        container[a.key] = lyco
         a.lycoris = lyco
         a.named = dict(lyco.named_parameters())
     root.add_module(LYCORIS_CONTAINER, container)
 
 
-def attach(model: models.SDModel, cfg: TrainingConfig) -> Network:
-    """Add the network (its init is random: seed first). Trainable weights are fp32 whatever the base."""
+def _share_downs(adapted: list[Adapted]) -> None:
+    """The pieces of each fused file module use the first piece's down matrix (the module object itself, so
+    one parameter, counted once by `parameters()`, the optimizer and training states): one LoRA on the fused
+    Linear, as sd-scripts trains it without split_qkv."""
+    first: dict[str, Adapted] = {}
+    for a in adapted:
+        if a.part is None:
+            continue
+        lead = first.setdefault(a.name, a)
+        if lead is a:
+            continue
+        if a.lycoris is not None and lead.lycoris is not None:
+            a.lycoris.lora_down = lead.lycoris.lora_down
+            a.named = dict(a.lycoris.named_parameters(remove_duplicate=False))
+        else:
+            layer: Any = a.module
+            layer.lora_A[ADAPTER_NAME] = cast(Any, lead.module).lora_A[ADAPTER_NAME]
+            a.named["lora_down.weight"] = layer.lora_A[ADAPTER_NAME].weight
+
+
+def _unique(params: list[nn.Parameter]) -> list[nn.Parameter]:
+    """Each parameter once (the pieces of a fused module share their down matrix)."""
+    return list({id(p): p for p in params}.values())
+
+
+def attach(model: Any, cfg: TrainingConfig) -> Network:
+    """Add the network (its init is random: seed first). Trainable weights are fp32 whatever the base.
+    `model` is a `models.SDModel` or a `flow_models.FlowModel`."""
     net = cfg.network
     adapted = plan(model, cfg)
     for root in dict.fromkeys(a.root for a in adapted):
@@ -301,7 +426,9 @@ def attach(model: models.SDModel, cfg: TrainingConfig) -> Network:
             _attach_peft(root, getattr(model, root), part, net)
         else:
             _attach_lycoris(getattr(model, root), part, net)
-    params = [p for a in adapted for p in a.params]
+    if cfg.model.family in FLOW_FAMILIES and not cfg.flow.split_qkv:
+        _share_downs(adapted)
+    params = _unique([p for a in adapted for p in a.params])
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
@@ -333,7 +460,7 @@ class AdapterWeights:
 @dataclass
 class Network:
     cfg: TrainingConfig
-    model: models.SDModel
+    model: Any  # models.SDModel or flow_models.FlowModel
     adapted: list[Adapted]
     params: list[nn.Parameter] = field(default_factory=list)
 
@@ -350,6 +477,11 @@ class Network:
     def trains_text_encoder(self) -> bool:
         return any(a.root != "unet" for a in self.adapted)
 
+    @property
+    def flow(self) -> bool:
+        """A Flux/SD3 network: fused file modules, sd-scripts' Flux/SD3 names."""
+        return self.cfg.model.family in FLOW_FAMILIES
+
     def text_encoder_params(self) -> list[nn.Parameter]:
         return [p for a in self.adapted if a.root != "unet" for p in a.params]
 
@@ -362,7 +494,7 @@ class Network:
         for a in self.adapted:
             by_lr.setdefault(a.lr, []).append(a)
         return [
-            {"params": [p for a in group for p in a.params], "lr": lr, "name": _group_name(group, weighted)}
+            {"params": _unique([p for a in group for p in a.params]), "lr": lr, "name": _group_name(group, weighted)}
             for lr, group in by_lr.items()
         ]
 
@@ -371,7 +503,7 @@ class Network:
     def train(self) -> None:
         """The parts with adapters train (adapter dropouts on); frozen parts stay in eval mode."""
         roots = set(self.roots)
-        for name in ("unet", "text_encoder", "text_encoder_2"):
+        for name in ("unet", "text_encoder", "text_encoder_2", "text_encoder_3"):
             part = getattr(self.model, name, None)
             if part is not None:
                 part.train(name in roots)
@@ -404,12 +536,50 @@ class Network:
     def kohya_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The weights under sd-scripts' names in `dtype`: lora_down/lora_up/alpha (+ dora_scale for DoRA,
         the LyCORIS layout for loha/lokr). `lora_io.to_kohya_keys` names them per family: SD1.5/SD2 keep the
-        diffusers module paths, SDXL's UNet gets SGM names numbered after this UNet's own layout."""
+        diffusers module paths, SDXL's UNet gets SGM names numbered after this UNet's own layout. Flux/SD3:
+        sd-scripts' BFL/SGM names with the pieces of each fused module fused (`flow_names.fuse`)."""
         out: dict[str, torch.Tensor] = {}
+        if self.flow:  # pieces of a file module fused back (flow_names.fuse), names as planned
+            shared = not self.cfg.flow.split_qkv
+            for name, group in _by_name(self.adapted).items():
+                parts = [_module_state(a, self.kind) for a in group]
+                fused = flow_names.fuse(parts, shared_down=shared, swap=group[0].swap)
+                for key, value in fused.items():
+                    out[f"{name}.{key}"] = value.detach().to("cpu", dtype).contiguous()
+            return out
         for a in self.adapted:
             for key, value in _module_state(a, self.kind).items():
                 out[f"{a.name}.{key}"] = value.detach().to("cpu", dtype).contiguous()
         return lora_io.to_kohya_keys(self.cfg.model.family, out, unet_config=self.model.unet.config)
+
+    def diffusers_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The weights in diffusers' peft format, what `load_lora_weights` of Flux/SD3 pipelines reads without
+        conversion: `transformer.<path>.lora_A.weight` / `.lora_B.weight` (+ `.lora_magnitude_vector` for
+        DoRA), `text_encoder.…`, `text_encoder_2.…`; one entry per diffusers module (q, k, v apart).
+        alpha/rank is multiplied into lora_B: without metadata diffusers takes alpha = rank (scale 1), so the
+        file plays as trained in every diffusers version (DoRA too: its norm sees the same ΔW)."""
+        if self.kind not in (*PEFT_KINDS, NetworkKind.LOCON):
+            raise ValueError(f"{self.kind.value} has no diffusers/peft form; save it with saving.lora_format = kohya")
+        out: dict[str, torch.Tensor] = {}
+        for a in self.adapted:
+            state = _module_state(a, self.kind)
+            down, up = state["lora_down.weight"], state["lora_up.weight"]
+            scale = float(state["alpha"]) / down.shape[0]
+            prefix = f"{'transformer' if a.root == 'unet' else a.root}.{a.path}"
+            tensors = {"lora_A.weight": down, "lora_B.weight": up.float() * scale}
+            if "dora_scale" in state:  # the text encoders' loader (transformers') wants the parameter's name
+                magnitude = "lora_magnitude_vector" + ("" if a.root == "unet" else ".weight")
+                tensors[magnitude] = state["dora_scale"].reshape(-1)
+            for key, value in tensors.items():
+                out[f"{prefix}.{key}"] = value.detach().to("cpu", dtype).contiguous()
+        return out
+
+    def file_state_dict(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The tensors of the saved LoRA file: `diffusers_state_dict` for a Flux/SD3 run with
+        `saving.lora_format = "diffusers"`, else `kohya_state_dict`."""
+        if self.flow and self.cfg.saving.lora_format == LoraFormat.DIFFUSERS:
+            return self.diffusers_state_dict(dtype)
+        return self.kohya_state_dict(dtype)
 
     def describe(self) -> str:
         """One log line: kind, ranks, where, how many parameters, and the learning rates when several."""
@@ -442,6 +612,14 @@ def _group_name(group: list[Adapted], block_weights: bool) -> str:
             f"{root} blocks {','.join(map(str, blocks))}" if root == "unet" and block_weights and blocks else root
         )
     return " + ".join(names)
+
+
+def _by_name(adapted: list[Adapted]) -> dict[str, list[Adapted]]:
+    """Adapted modules grouped by file module name, in plan order (pieces of a fused module together)."""
+    out: dict[str, list[Adapted]] = {}
+    for a in adapted:
+        out.setdefault(a.name, []).append(a)
+    return out
 
 
 def _module_state(a: Adapted, kind: NetworkKind) -> dict[str, torch.Tensor]:
