@@ -527,3 +527,22 @@ def test_the_trained_files_reproduce_each_other(tiny: dict[str, Path], tmp_path:
     theirs = transformer_out(base)
     assert not torch.allclose(ours, before, atol=1e-4)
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_clip_text_encoder_trains_too(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """`network.train_text_encoder` on Flux trains CLIP-L (sd-scripts' `lora_te1_`), never T5: its adapters
+    leave their zero start and are in the file."""
+    cfg = flux_config(
+        tiny,
+        network={"dim": 4, "alpha": 2.0, "train_text_encoder": True, "text_encoder_lr": 5e-3},
+        training={"max_steps": 3},
+        saving={"precision": "float"},
+    )
+    job = train(cfg, tmp_path)
+    from safetensors.torch import load_file
+
+    state = load_file(str(job.output_dir / "flux.safetensors"))
+    te_ups = [v for k, v in state.items() if k.startswith("lora_te1_") and k.endswith("lora_up.weight")]
+    assert te_ups and any(float(v.abs().max()) > 0 for v in te_ups)
+    assert not [k for k in state if k.startswith(("lora_te2_", "lora_te3_"))]
