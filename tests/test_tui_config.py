@@ -166,6 +166,8 @@ async def test_family_hides_params() -> None:
         family.value = "flux"
         await pilot.pause()
         assert set(flux_only) <= set(form.visible_paths())
+        status = str(screen_of(app).query_one("#status", Static).render())
+        assert "VRAM ≈" in status and "Flux.1 dev" in status  # the estimate follows the family
         assert "network.target_modules" not in form.visible_paths()  # unet families only (and advanced)
         family.value = "sd15"
         await pilot.pause()

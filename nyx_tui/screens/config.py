@@ -215,8 +215,22 @@ class ConfigScreen(Screen[None]):
         if errors:
             self.set_status(f"✗ {errors} error(s): Start is blocked until they are fixed", error=True)
         else:
-            self.set_status("✓ valid (F5 checks the files and starts)")
+            self.set_status(f"✓ valid{self._vram_note()} (F5 checks the files and starts)")
         return not errors
+
+    def _vram_note(self) -> str:
+        """The VRAM estimate of the valid form, for the status line (`nyx_tui.vram`: arithmetic, no torch)."""
+        from nyx_tui import vram
+
+        if self.config is None:
+            return ""
+        try:
+            found = vram.estimate(self.config)
+        except Exception:  # an estimate must never break the form
+            return ""
+        tier = vram.smallest_tier(found.total_gib)
+        fits = f"fits {tier} GB" if tier else "more than one card"
+        return f" · VRAM ≈ {found.total_gib:.1f} GiB for full-size {found.model}, {fits}"
 
     def set_status(self, text: str, error: bool = False) -> None:
         status = self.query_one("#status", Static)
