@@ -26,7 +26,7 @@ torch = pytest.importorskip("torch")
 
 DIM, ALPHA = 4, 2.0  # alpha != dim: a wrongly scaled load changes the outputs
 TOL = 1e-5
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "sd-scripts-lora-keys.json"
+REFERENCE = Path(__file__).resolve().parent / "data" / "sd-scripts-reference" / "sd-scripts-lora-keys.json"
 # the sample module sets of sd-scripts' files, at block 0 (used when the reference is not at hand)
 DOUBLE_SAMPLE = [
     f"lora_unet_double_blocks_0_{side}_{m}"
