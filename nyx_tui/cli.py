@@ -95,6 +95,42 @@ def _print_vram(console: Console, cfg: Any, *, full: bool = False) -> None:
     console.print(("VRAM estimate " + text) if full else f"VRAM estimate {text.splitlines()[0]}", highlight=False)
 
 
+def cmd_config_export(args: argparse.Namespace) -> int:
+    """`nyx config export --to kohya FILE -o DIR`: sd-scripts' config TOML, dataset TOML, prompts and the
+    launch command, written for a user who wants to run (or read) what the kohya backend would run."""
+    import shlex
+
+    from nyx_tui.config.errors import ConfigError
+    from nyx_tui.config.io import load_config
+    from nyx_tui.trainers.kohya.translate import to_kohya, write_export
+
+    console, err = _console(), _console(stderr=True)
+    try:
+        cfg = load_config(Path(args.file))
+    except ConfigError as e:
+        _print_problems(err, e.problems, args.file)
+        return EXIT_USAGE
+    out = Path(args.output)
+    export = to_kohya(cfg, custom=args.custom, output_dir=str((out / "output").expanduser().absolute()))
+    _print_problems(err, export.problems, args.file)
+    if not export.ok:
+        return EXIT_USAGE
+    sd_scripts, python = args.sd_scripts or cfg.backend.path, args.python
+    try:  # default: the checkout and environment `nyx backend install kohya` makes
+        from nyx_tui.trainers.kohya.install import install_dir, venv_python
+
+        sd_scripts = sd_scripts or str(install_dir())
+        python = python or str(venv_python(Path(sd_scripts)))
+    except ImportError:
+        sd_scripts, python = sd_scripts or "sd-scripts", python or "python"
+    files = write_export(export, out, sd_scripts_dir=sd_scripts, python=python)
+    for name, path in files.items():
+        console.print(f"{name}: {path}", highlight=False)
+    argv = export.launch_argv(sd_scripts, python, None, files["config"], files["dataset"])
+    console.print(shlex.join(argv), highlight=False, soft_wrap=True)
+    return EXIT_OK
+
+
 def cmd_config_presets(args: argparse.Namespace) -> int:
     from nyx_tui.config.presets import list_presets
 
@@ -113,6 +149,28 @@ def cmd_config_docs(args: argparse.Namespace) -> int:
     else:
         atomic_write(Path(args.output), text)
         _console(stderr=True).print(f"wrote {args.output}")
+    return EXIT_OK
+
+
+def cmd_config_import(args: argparse.Namespace) -> int:
+    """`nyx config import FILE.toml [--dataset D.toml] -o OUT.toml`: an sd-scripts config as a Nyx config,
+    with every setting Nyx cannot represent listed (never dropped in silence). Exit 2 when none was built."""
+    from nyx_tui.config.io import save_config
+    from nyx_tui.trainers.kohya.importer import read_kohya_files
+
+    err = _console(stderr=True)
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        err.print(f"[red]error[/]: {out} exists; pass --force to overwrite it or choose another -o path")
+        return EXIT_USAGE
+    result = read_kohya_files(Path(args.file), Path(args.dataset) if args.dataset else None, script=args.script)
+    for line in result.unrepresented:
+        err.print(f"[yellow]not imported[/] {line}", highlight=False, markup=False)
+    _print_problems(err, result.problems, args.file)
+    if result.config is None:
+        return EXIT_USAGE
+    save_config(result.config, out)
+    err.print(f"wrote {out} ({len(result.unrepresented)} setting(s) not imported); check it: nyx config check {out}")
     return EXIT_OK
 
 
@@ -567,10 +625,25 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.add_argument("--vram", action="store_true", help="show the VRAM estimate part by part")
     check.set_defaults(func=cmd_config_check)
+    export = csub.add_parser("export", help="write sd-scripts' config, dataset TOML and launch command")
+    export.add_argument("file")
+    export.add_argument("--to", choices=["kohya"], default="kohya", help="the trainer to export for")
+    export.add_argument("-o", "--output", required=True, help="folder to write into")
+    export.add_argument("--custom", action="store_true", help="for sd-scripts with custom optimizers/schedulers")
+    export.add_argument("--sd-scripts", help="sd-scripts checkout for the launch command (default: backend.path)")
+    export.add_argument("--python", help="sd-scripts' Python for the launch command (default: its own venv's)")
+    export.set_defaults(func=cmd_config_export)
     csub.add_parser("presets", help="list the presets").set_defaults(func=cmd_config_presets)
     docs = csub.add_parser("docs", help="write the parameter reference (Markdown)")
     docs.add_argument("-o", "--output", default="docs/config.md", help="file, or - for stdout")
     docs.set_defaults(func=cmd_config_docs)
+    imp = csub.add_parser("import", help="make a Nyx config from an sd-scripts config TOML (+ dataset TOML)")
+    imp.add_argument("file", help="sd-scripts --config_file TOML")
+    imp.add_argument("--dataset", help="its --dataset_config TOML (default: the one the config names, if any)")
+    imp.add_argument("--script", help="the sd-scripts script it is for, e.g. sdxl_train_network.py (sets the family)")
+    imp.add_argument("-o", "--output", required=True, help="the Nyx config to write")
+    imp.add_argument("--force", action="store_true", help="overwrite the output file")
+    imp.set_defaults(func=cmd_config_import)
 
     train = sub.add_parser("train", help="validate a config and start a training job")
     train.add_argument("file")
@@ -648,6 +721,10 @@ def build_parser() -> argparse.ArgumentParser:
     tag_cli.register(sub)
     caption_cli.register(sub)
     download_cli.register(sub)
+
+    from nyx_tui.trainers.kohya import install as backend_cli  # `nyx backend install/list/doctor`
+
+    backend_cli.register(sub)
 
     tui = sub.add_parser("tui", help="open the terminal UI (the same as `nyx` with no command)")
     tui.add_argument("--job", help="open the dashboard on this job (id, unique part of it, or 'last')")

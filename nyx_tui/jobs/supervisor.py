@@ -358,10 +358,27 @@ class Supervisor:
                 hint = OOM_KILL_HINT
         else:
             error = f"worker exited with code {returncode}"
+            said = self._worker_reason()
+            if said is not None:  # a worker that knows why it failed (the kohya runner) says it in a log event
+                error, hint = said
         if any(_CUDA_OOM.search(line) for line in lines):
             error = "CUDA out of memory"
             hint = CUDA_OOM_HINT if self.spec.get("kind", "train") == "train" else CUDA_OOM_HINT_MODEL
         self._end(state="failed", error=error, hint=hint, last_lines=lines, **fields)
+
+    def _worker_reason(self) -> tuple[str, str | None] | None:
+        """The last `log` event that carries an `error` (and maybe a `hint`): the worker's own account of a
+        failure, more telling than its exit code."""
+        from nyx_tui.jobs.events import read_events
+
+        try:
+            found = [e for e in read_events(self.job.events_path) if e.get("kind") == "log" and e.get("error")]
+        except Exception:
+            return None
+        if not found:
+            return None
+        hint = found[-1].get("hint")
+        return str(found[-1]["error"]), str(hint) if hint else None
 
     def _end(self, state: str, **fields: Any) -> None:
         """Exactly one end: the event first (a follower that sees a terminal status also finds it),

@@ -85,7 +85,13 @@ class NativeTrainer:
         return out
 
 
-TRAINERS: dict[str, Trainer] = {BackendKind.NATIVE.value: NativeTrainer()}
+from nyx_tui.trainers.kohya.runner import KohyaCustomTrainer, KohyaTrainer  # noqa: E402  (torch-free)
+
+TRAINERS: dict[str, Trainer] = {
+    BackendKind.NATIVE.value: NativeTrainer(),
+    BackendKind.KOHYA.value: KohyaTrainer(),
+    BackendKind.KOHYA_CUSTOM.value: KohyaCustomTrainer(),
+}
 
 
 def get_trainer(cfg: TrainingConfig) -> Trainer | None:

@@ -1,0 +1,1 @@
+"""sd-scripts backends: translation both ways, the runner."""
