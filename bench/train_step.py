@@ -19,6 +19,7 @@ each image once, before training), which the bare loop does not have. Medians af
 rows alternated `--repeat` times, each keeping its best. On a busy shared machine wall time measures the
 neighbours: `--cpu-time` reports single-thread CPU time per step instead (start-up differenced away).
 This supersedes bench/train_speed.py.
+Flux.1 (tiny model and memory modes; full size at the three presets, peak VRAM): bench/flux_step.py.
 """
 
 from __future__ import annotations
