@@ -726,6 +726,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     backend_cli.register(sub)
 
+    from nyx_tui.lora import cli as lora_cli  # `nyx lora inspect|resize|merge|meta|convert|upload|compare`
+
+    lora_cli.register(sub)
+
     tui = sub.add_parser("tui", help="open the terminal UI (the same as `nyx` with no command)")
     tui.add_argument("--job", help="open the dashboard on this job (id, unique part of it, or 'last')")
     tui.set_defaults(func=cmd_tui)
