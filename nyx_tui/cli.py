@@ -730,6 +730,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     lora_cli.register(sub)
 
+    from nyx_tui import doctor, serve  # `nyx doctor`, `nyx serve`
+    from nyx_tui.workflows import cli as workflow_cli  # `nyx lr-find` (workflows, sweeps later)
+
+    doctor.register(sub)
+    serve.register(sub)
+    workflow_cli.register(sub)
+
     tui = sub.add_parser("tui", help="open the terminal UI (the same as `nyx` with no command)")
     tui.add_argument("--job", help="open the dashboard on this job (id, unique part of it, or 'last')")
     tui.set_defaults(func=cmd_tui)
