@@ -53,6 +53,7 @@ MODE_TITLES = {
     "datasets": "Datasets",
     "tags": "Tags",
     "downloads": "Downloads",
+    "lora": "LoRA",
 }
 STDIN_CHECK_S = 1.0
 EOF_CHECKS = 3  # readable-but-empty this many checks in a row = EOF (one could be a race with a read)
@@ -89,6 +90,30 @@ def make_dashboard_screen(job_id: str | None = None) -> Screen[Any]:
     return DashboardScreen(job_id=job_id)
 
 
+def make_workflow_screen(job_id: str | None = None) -> Screen[Any]:
+    """The view of a workflow or sweep job (its stages, a sweep's comparison table)."""
+    try:
+        from nyx_tui.screens.workflow import WorkflowScreen
+    except ImportError as e:
+        return Unavailable("workflow", e)
+    return WorkflowScreen(job_id)
+
+
+WORKFLOW_KINDS = frozenset({"workflow", "sweep"})
+
+
+def job_kind(job_id: str) -> str | None:
+    """The `kind` in a job's spec.json, or None when it cannot be read (the caller falls back to the dashboard)."""
+    import json
+
+    try:
+        spec = json.loads((paths.jobs_dir() / job_id / "spec.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def make_datasets_screen() -> Screen[Any]:
     try:
         from nyx_tui.screens.datasets import DatasetsScreen
@@ -113,6 +138,14 @@ def make_downloads_screen() -> Screen[Any]:
     return DownloadsScreen()
 
 
+def make_lora_screen() -> Screen[Any]:
+    try:
+        from nyx_tui.screens.lora import LoraScreen
+    except ImportError as e:
+        return Unavailable("LoRA", e)
+    return LoraScreen()
+
+
 def known_binding_ids() -> set[str]:
     """Every binding id declared by a loaded Textual class (the app, every screen and widget), so a
     keymap entry that matches none can be reported instead of silently doing nothing."""
@@ -122,6 +155,9 @@ def known_binding_ids() -> set[str]:
         "nyx_tui.screens.datasets",
         "nyx_tui.screens.tags",
         "nyx_tui.screens.downloads",
+        "nyx_tui.screens.lora",
+        "nyx_tui.screens.templates",
+        "nyx_tui.screens.workflow",
     ):
         with contextlib.suppress(ImportError):
             __import__(module)
@@ -190,6 +226,8 @@ class NyxApp(App[None]):
         "datasets": make_datasets_screen,
         "tags": make_tags_screen,
         "downloads": make_downloads_screen,
+        "lora": make_lora_screen,
+        "workflow": make_workflow_screen,  # replaced by open_job for each workflow/sweep job opened
     }
     DEFAULT_MODE = "home"
     COMMANDS = App.COMMANDS | {NyxCommands}
@@ -200,6 +238,7 @@ class NyxApp(App[None]):
         Binding("4", "switch_mode('datasets')", "Datasets", id="nyx.mode.datasets"),
         Binding("5", "switch_mode('tags')", "Tags", id="nyx.mode.tags"),
         Binding("6", "switch_mode('downloads')", "Downloads", id="nyx.mode.downloads"),
+        Binding("7", "switch_mode('lora')", "LoRA", id="nyx.mode.lora", show=False),  # footer full: F1 lists it
         Binding("ctrl+t", "change_theme", "Theme", id="nyx.theme", show=False),
         Binding("f1", "toggle_keys", "Keys", id="nyx.keys"),
         Binding("ctrl+p", "command_palette", "Palette", id="nyx.palette", priority=True, show=False),
@@ -239,6 +278,7 @@ class NyxApp(App[None]):
                 )
             self.set_keymap({k: v for k, v in keymap.items() if k in known})
         self._starting = False
+        self.lora_request: Path | None = None  # a file for the LoRA screen to open (open_lora)
         self._eof_count = 0
         self._hung_up = False
 
@@ -248,8 +288,7 @@ class NyxApp(App[None]):
             self.notify(problem, title="settings", severity="warning", timeout=10)
         self.theme_changed_signal.subscribe(self, self._theme_changed)
         if self.initial_job:
-            self.current_job = self.initial_job
-            self.switch_mode("train")
+            self.open_job(self.initial_job)
         if self.watch_terminal and not self.is_headless:
             self._install_terminal_guards()
 
@@ -308,8 +347,39 @@ class NyxApp(App[None]):
         await self.switch_mode("config")
 
     def open_job(self, job_id: str) -> None:
+        """Show a job: a workflow or sweep in its own view (`open_workflow`), any other in the dashboard."""
+        if job_kind(job_id) in WORKFLOW_KINDS:
+            self.call_later(self.open_workflow, job_id)
+            return
         self.current_job = job_id
         self.switch_mode("train")
+
+    async def open_workflow(self, job_id: str) -> None:
+        """Show the workflow view of `job_id`: the workflow mode's screen is replaced, like open_config's."""
+        if self.current_mode == "workflow":
+            await self.switch_mode("home")
+        await self.remove_mode("workflow")
+        self.add_mode("workflow", partial(make_workflow_screen, job_id))
+        await self.switch_mode("workflow")
+
+    async def open_templates(self) -> None:
+        """The config form with its templates library on top (the command palette's "Templates library")."""
+        if self.current_mode != "config":
+            await self.switch_mode("config")
+        action = getattr(self.screen, "action_templates", None)
+        if callable(action):
+            action()
+
+    def open_lora(self, path: Path) -> None:
+        """Show the LoRA screen on `path` (the dashboard's "LoRA tools" key). The screen takes the request
+        when it is mounted or shown again (`LoraScreen.take_request`)."""
+        self.lora_request = Path(path)
+        if self.current_mode == "lora":
+            take = getattr(self.screen, "take_request", None)
+            if callable(take):
+                take()
+        else:
+            self.switch_mode("lora")
 
     # ------------------------------------------------------------------ messages from screens
     def on_open_job(self, message: OpenJob) -> None:
@@ -445,6 +515,13 @@ class NyxApp(App[None]):
                     partial(self.open_config, preset=preset),
                 )
             )
+        commands.append(
+            (
+                "Templates library",
+                "presets and your templates: VRAM, families; load one into the config form or save the form",
+                self.open_templates,
+            )
+        )
         commands.append(
             (
                 "Start demo",

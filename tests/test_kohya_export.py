@@ -4,7 +4,6 @@ validator written from the reference JSON). Checked for every preset and a gener
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -16,10 +15,9 @@ from typing import Any
 import pytest
 
 from nyx_tui.cli import main
-from nyx_tui.config.fields import Family
 from nyx_tui.config.model import NetworkKind, OptimizerKind, SchedulerKind, TrainingConfig
 from nyx_tui.config.presets import list_presets, load_preset
-from nyx_tui.trainers.kohya import translate
+from nyx_tui.trainers.kohya import samples, translate
 from nyx_tui.trainers.kohya.translate import KohyaExport, to_kohya, write_export
 
 
@@ -172,16 +170,7 @@ def errors_of(export: KohyaExport) -> dict[str, str]:
     return {p.field: p.message for p in export.problems if p.is_error}
 
 
-def make(family: str = "sd15", **sections: dict[str, Any]) -> TrainingConfig:
-    data: dict[str, Any] = {
-        "model": {"family": family, "pretrained": "base.safetensors"},
-        "dataset": {"subsets": [{"image_dir": "/data/10_mychar"}]},
-    }
-    if family == "flux":
-        data["model"].update(clip_l="clip_l.safetensors", t5xxl="t5xxl.safetensors", vae="ae.safetensors")
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
-    return TrainingConfig.model_validate(data)
+make = samples.make
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -204,75 +193,11 @@ def test_every_preset_exports_valid_keys_and_dataset(name: str) -> None:
         assert export.config["lr_warmup_steps"] == cfg.scheduler.warmup_steps
 
 
-_KINDS = list(NetworkKind)
-_OPTIMIZERS = list(OptimizerKind)
-_EXTRAS: list[dict[str, dict[str, Any]]] = [
-    {},
-    {
-        "training": {"max_steps": 0, "max_epochs": 3, "cache_latents": True, "gradient_checkpointing": True},
-        "network": {"dropout": 0.1, "rank_dropout": 0.1, "module_dropout": 0.05, "text_encoder_lr": 5e-5},
-        "dataset": {"enable_bucket": True, "shuffle_caption": True, "keep_tokens": 1, "caption_dropout_rate": 0.05},
-        "sampling": {"prompts": ["a photo of mychar", "mychar --w 768 --h 512 --d 7"], "every_n_steps": 100},
-        "saving": {"every_n_epochs": 1, "keep_last_n": 3},
-        "scheduler": {"type": "cosine_with_restarts", "num_cycles": 2},
-    },
-    {
-        "training": {"mixed_precision": "bf16", "seed": 0, "masked_loss": True},
-        "scheduler": {"type": "cosine", "warmup_steps": 10, "min_lr_ratio": 0.1},
-        "dataset": {"max_token_length": 225, "validation_split": 0.1, "num_workers": 2},
-        "saving": {"every_n_steps": 50, "keep_last_n": 2, "output_dir": "/out"},
-        "optimizer": {"args": {"d_coef": 2, "safeguard_warmup": True}, "betas": [0.9, 0.99], "max_grad_norm": 0.0},
-    },
-]
-_FLOW_EXTRAS: dict[str, dict[str, Any]] = {
-    "flux": {
-        "flow": {
-            "timestep_sampling": "shift",
-            "discrete_flow_shift": 3.1,
-            "train_blocks": "single",
-            "split_qkv": True,
-            "blocks_to_swap": 8,
-            "double_block_indices": [0, 1],
-            "block_type_dims": {"img_attn": 8, "single": 4},
-            "guidance_scale": 3.5,
-            "apply_t5_attn_mask": True,
-            "t5_max_token_length": 256,
-        },
-        "training": {"base_quantization": "fp8", "cache_text_encoder_outputs_to_disk": True},
-    },
-    "sd3": {
-        "flow": {
-            "weighting_scheme": "logit_normal",
-            "training_shift": 3.0,
-            "t5_on_cpu": True,
-            "double_block_indices": [2],
-        },
-        "training": {"cache_text_encoder_outputs": True, "gradient_checkpointing": True},
-    },
-}
-
-
-def _matrix() -> list[tuple[str, NetworkKind, OptimizerKind, int]]:
-    return list(itertools.product([f.value for f in Family], _KINDS, _OPTIMIZERS, range(len(_EXTRAS) + 1)))
-
-
 @pytest.mark.parametrize("custom", [False, True])
 def test_matrix_of_configs_exports_valid_keys(custom: bool) -> None:
     checked = 0
-    for family, kind, opt, extra in _matrix():
-        sections: dict[str, dict[str, Any]] = {"network": {"kind": kind.value}, "optimizer": {"type": opt.value}}
-        if opt is OptimizerKind.CUSTOM:
-            sections["optimizer"]["class_path"] = "pytorch_optimizer.CAME"
-        if opt is OptimizerKind.ADAMW_SCHEDULEFREE:
-            sections["scheduler"] = {"type": "constant"}
-        if extra < len(_EXTRAS):
-            for name, values in _EXTRAS[extra].items():
-                sections.setdefault(name, {}).update(values)
-        elif family in _FLOW_EXTRAS:
-            sections.update(_FLOW_EXTRAS[family])
-        if opt is OptimizerKind.ADAMW_SCHEDULEFREE:
-            sections["scheduler"] = {"type": "constant"}
-        cfg = make(family, **sections)
+    for sample in samples.matrix():
+        kind, opt, cfg = sample.kind, sample.optimizer, sample.config
         export = to_kohya(cfg, custom=custom)
         assert_valid(export)
         cfg_net = export.config.get("network_args", [])
@@ -290,7 +215,7 @@ def test_matrix_of_configs_exports_valid_keys(custom: bool) -> None:
             else:
                 assert "optimizer.type" in errors_of(export)
         checked += 1
-    assert checked == len(_matrix())
+    assert checked == len(samples.matrix_keys())
 
 
 def test_network_options_go_inside_network_args() -> None:
@@ -476,3 +401,46 @@ def test_translate_imports_no_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch'; assert 'diffusers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_lycoris_kinds_get_no_convolutions_through_a_preset() -> None:
+    """lycoris.kohya reads `conv_dim = int(kwargs.get("conv_dim", dim) or dim)`: absent or 0 means 3x3
+    convolutions at rank dim. Nyx's "no convolutions" (conv_dim = 0; DoRA's empty) is its full-lin preset."""
+    dora = to_kohya(make("sd15", network={"kind": "dora", "dim": 8}))
+    args = dora.config["network_args"]
+    assert f"preset={translate.LYCORIS_NO_CONV_PRESET}" in args and "dora_wd=True" in args
+    assert not any(a.startswith("conv_dim=") for a in args)
+    locon0 = to_kohya(make("sdxl", network={"kind": "locon", "conv_dim": 0}))
+    assert "preset=full-lin" in locon0.config["network_args"]
+    assert not any(a.startswith("conv_dim=") for a in locon0.config["network_args"])
+    dora_conv = to_kohya(make("sd15", network={"kind": "dora", "conv_dim": 4}))
+    assert "conv_dim=4" in dora_conv.config["network_args"]
+    assert not any(a.startswith("preset=") for a in dora_conv.config["network_args"])
+    locon = to_kohya(make("sd15", network={"kind": "locon", "dim": 8}))  # empty: convolutions at dim
+    assert "conv_dim=8" in locon.config["network_args"]
+    assert not any(a.startswith("preset=") for a in locon.config["network_args"])
+    lora0 = to_kohya(make("sd15", network={"kind": "lora", "conv_dim": 0}))  # networks.lora: none without it
+    assert "network_args" not in lora0.config
+    flux = to_kohya(make("flux", network={"kind": "dora"}))  # a transformer: no convolutions to speak of
+    assert not any(a.startswith(("preset=", "conv_")) for a in flux.config["network_args"])
+
+
+@pytest.mark.parametrize(
+    ("family", "flow", "field"),
+    [
+        ("flux", {"train_blocks": "single"}, "flow.train_blocks"),
+        ("flux", {"split_qkv": True}, "flow.split_qkv"),
+        ("flux", {"double_block_indices": [0, 1]}, "flow.double_block_indices"),
+        ("flux", {"block_type_dims": {"img_attn": 8}}, "flow.block_type_dims.img_attn"),
+        ("sd3", {"double_block_indices": [2]}, "flow.double_block_indices"),
+    ],
+)
+def test_lora_module_block_options_are_refused_with_lycoris(family: str, flow: dict[str, Any], field: str) -> None:
+    """sd-scripts' real parser check found these reaching lycoris.kohya, which never reads them."""
+    for kind in ("locon", "loha", "lokr", "dora"):
+        export = to_kohya(make(family, network={"kind": kind}, flow=flow))
+        assert field in errors_of(export), (kind, export.problems)
+        assert not set(export.config.get("network_args", [])) & {
+            a for a in export.config.get("network_args", []) if a.split("=")[0] in translate.LORA_MODULE_ONLY_ARGS
+        }
+    assert to_kohya(make(family, network={"kind": "lora"}, flow=flow)).ok

@@ -500,3 +500,60 @@ def test_importer_imports_no_torch() -> None:
 def test_a_malformed_dataset_toml_is_a_problem(dataset: dict[str, Any]) -> None:
     result = from_kohya({"seed": 1}, dataset)
     assert result.config is None and result.problems
+
+
+def test_lycoris_convolutions_as_lycoris_reads_them() -> None:
+    """lycoris.kohya trains 3x3 convolutions at rank network_dim when conv_dim is absent (or 0), and none with
+    its full-lin preset: DoRA without conv_dim therefore has convolutions (Nyx's DoRA empty has none)."""
+    base = {"train_data_dir": "/d", "seed": 1, "network_module": "lycoris.kohya", "network_dim": 8}
+    dora = ok(from_kohya({**base, "network_args": ["algo=lora", "dora_wd=True"]}))
+    assert (dora.network.kind, dora.network.conv_dim) == ("dora", 8)
+    dora_lin = ok(from_kohya({**base, "network_args": ["algo=lora", "dora_wd=True", "preset=full-lin"]}))
+    assert (dora_lin.network.kind, dora_lin.network.conv_dim) == ("dora", None)
+    locon_lin = from_kohya({**base, "network_args": ["algo=locon", "preset=full-lin"]})
+    assert ok(locon_lin).network.conv_dim == 0 and locon_lin.unrepresented == []
+    locon = ok(from_kohya({**base, "network_args": ["algo=locon"]}))
+    assert locon.network.conv_dim is None  # Nyx's empty: dim, as LyCORIS
+
+
+@pytest.mark.parametrize(
+    "network",
+    [
+        {"kind": "dora", "dim": 8, "alpha": 4},
+        {"kind": "dora", "dim": 8, "conv_dim": 4},
+        {"kind": "locon", "dim": 8, "conv_dim": 0},
+        {"kind": "loha", "dim": 8},
+    ],
+)
+def test_lycoris_convolutions_roundtrip(tmp_path: Path, network: dict[str, Any]) -> None:
+    first = TrainingConfig.model_validate(
+        {
+            "model": {"family": "sd15", "pretrained": "base.safetensors"},
+            "dataset": {"subsets": [{"image_dir": str(tmp_path / "img"), "num_repeats": 1}]},
+            "network": network,
+            "training": {"seed": 1},
+        }
+    )
+    second = _roundtrip(tmp_path, first, "1")
+    assert second.network.model_dump() == first.network.model_dump()
+
+
+def test_lora_module_block_args_under_lycoris_are_listed_not_imported() -> None:
+    """lycoris.kohya never reads Flux's/SD3's block args: importing them would promise what did not train."""
+    flux = {
+        "train_data_dir": "/d",
+        "seed": 1,
+        "network_module": "lycoris.kohya",
+        "ae": "ae.safetensors",
+        "t5xxl": "t5.safetensors",
+        "network_args": ["algo=lokr", "train_blocks=single", "train_double_block_indices=0-3"],
+    }
+    result = from_kohya(flux, script="flux_train_network.py")
+    cfg = ok(result)
+    assert cfg.network.kind == "lokr" and cfg.flow.train_blocks == "all" and cfg.flow.double_block_indices is None
+    assert {u.split(" =")[0] for u in result.unrepresented} >= {
+        "network_args.train_blocks",
+        "network_args.train_double_block_indices",
+    }
+    lora = ok(from_kohya({**flux, "network_module": "networks.lora_flux", "network_args": ["train_blocks=single"]}))
+    assert lora.flow.train_blocks == "single"

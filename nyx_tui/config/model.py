@@ -1548,6 +1548,76 @@ class LoggingSection(_Section):
     )
 
 
+class QualitySection(_Section):
+    """The automatic checks of a native run (`trainers/native/quality.py`, docs/quality.md). Nyx-only: the kohya
+    backends run without them (a changed value exports with a warning saying so)."""
+
+    divergence_check: bool = param(
+        True,
+        description="Stop the run early when the loss diverges: NaN/inf, or the smoothed loss above "
+        "quality.explosion_factor × its best smoothed value for quality.patience_steps steps in a row (after "
+        "quality.warmup_steps). Checkpoints saved before the loss went up are kept; the job fails with a hint "
+        "(a lower learning rate, or `nyx lr-find`). A NaN/inf loss stops the run even when this is off.",
+        group="quality",
+    )
+    explosion_factor: float = param(
+        5.0,
+        description="How many times its best smoothed value the smoothed loss may reach before it counts as exploding.",
+        group="quality",
+        advanced=True,
+        unit="×",
+        gt=1.0,
+    )
+    smoothing_steps: int = param(
+        20,
+        description="Span of the exponential moving average that smooths the training loss for the quality "
+        "checks and the run report (diffusion losses jump from step to step with the timestep).",
+        group="quality",
+        advanced=True,
+        unit="steps",
+        ge=1,
+    )
+    warmup_steps: int = param(
+        50,
+        description="Steps before the explosion check starts: the best smoothed loss is only taken from here on "
+        "(NaN/inf stops the run at any step).",
+        group="quality",
+        advanced=True,
+        unit="steps",
+        ge=0,
+    )
+    patience_steps: int = param(
+        20,
+        description="Steps in a row the smoothed loss must stay above the explosion threshold before the run "
+        "stops (a short spike is forgiven).",
+        group="quality",
+        advanced=True,
+        unit="steps",
+        ge=1,
+    )
+    overfit_check: bool = param(
+        True,
+        description="Flag overfitting: the validation loss (dataset.validation_split) rose at "
+        "quality.overfit_patience validations in a row while the smoothed training loss fell. Flagged as a "
+        "warning and in the run report, not stopped, unless quality.stop_on_overfit.",
+        group="quality",
+    )
+    overfit_patience: int = param(
+        3,
+        description="Validations in a row at which the validation loss rose before overfitting is flagged.",
+        group="quality",
+        advanced=True,
+        unit="validations",
+        ge=1,
+    )
+    stop_on_overfit: bool = param(
+        False,
+        description="Stop the run (saving it, as a stop does) when overfitting is flagged; the run report names "
+        "the checkpoint to keep.",
+        group="quality",
+    )
+
+
 class BackendSection(_Section):
     name: BackendKind = param(
         BackendKind.NATIVE,
@@ -1576,6 +1646,7 @@ class TrainingConfig(_Section):
     saving: SavingSection = SavingSection()
     sampling: SamplingSection = SamplingSection()
     logging: LoggingSection = LoggingSection()
+    quality: QualitySection = QualitySection()
     backend: BackendSection = BackendSection()
 
     @model_validator(mode="after")

@@ -23,7 +23,8 @@ from nyx_tui.jobs.jobdir import JobDir, list_jobs
 from nyx_tui.jobs.store import Store
 
 RESOURCES = ("gpu", "cpu")
-GPU_KINDS = frozenset({"train", "tag", "caption"})  # kinds that want a GPU of their own by default
+# kinds that want a GPU of their own by default
+GPU_KINDS = frozenset({"train", "tag", "caption", "compare", "lr-find"})
 CANCELLED_QUEUED = "cancelled while queued"
 
 

@@ -55,6 +55,9 @@ CUDA_OOM_HINT = (
     "the GPU ran out of memory: lower training.batch_size, enable training.gradient_checkpointing, lower "
     "the resolution, or (Flux/SD3) swap blocks to the CPU; a smaller network dim helps a little."
 )
+CUDA_OOM_HINT_COMPARE = (
+    "the GPU ran out of memory: lower --size, or run it while no training job holds the GPU."
+)
 CUDA_OOM_HINT_MODEL = (
     "the GPU ran out of memory: lower --batch-size, or run it while no training job holds the GPU."
 )
@@ -363,7 +366,10 @@ class Supervisor:
                 error, hint = said
         if any(_CUDA_OOM.search(line) for line in lines):
             error = "CUDA out of memory"
-            hint = CUDA_OOM_HINT if self.spec.get("kind", "train") == "train" else CUDA_OOM_HINT_MODEL
+            kind = self.spec.get("kind", "train")
+            hint = {"train": CUDA_OOM_HINT, "lr-find": CUDA_OOM_HINT, "compare": CUDA_OOM_HINT_COMPARE}.get(
+                kind, CUDA_OOM_HINT_MODEL
+            )
         self._end(state="failed", error=error, hint=hint, last_lines=lines, **fields)
 
     def _worker_reason(self) -> tuple[str, str | None] | None:

@@ -55,7 +55,7 @@ EMPTY_TEXT = (
     "1  the job list\n"
     "j  open any job here     [ / ]  cycle running jobs"
 )
-JOB_ACTIONS = frozenset({"stop", "cancel_job", "save_now", "sample_now", "show_lora", "toggle_output"})
+JOB_ACTIONS = frozenset({"stop", "cancel_job", "save_now", "sample_now", "show_lora", "toggle_output", "lora_tools"})
 POLL_S = 0.25
 REDRAW_S = 0.1
 
@@ -192,6 +192,7 @@ class DashboardScreen(Screen[None]):
         Binding("d", "demo", "Demo", id="nyx.dashboard.demo"),
         # off the footer (it is full); F1 lists it
         Binding("l", "toggle_output", "Output log", show=False, id="nyx.dashboard.toggle_output"),
+        Binding("t", "lora_tools", "LoRA tools", show=False, id="nyx.dashboard.lora_tools"),
     ]
 
     def __init__(self, job_id: str | None = None, *, name: str | None = None, id: str | None = None) -> None:
@@ -583,3 +584,22 @@ class DashboardScreen(Screen[None]):
         path = str(_abs_path(self.job, lora))
         self.app.copy_to_clipboard(path)
         self.notify(f"{path}\n(copied to the clipboard)", title="LoRA")
+
+    def action_lora_tools(self) -> None:
+        """Open the job's last LoRA on the LoRA screen (inspect, metadata, resize, convert, compare, upload)."""
+        if self.job is None:
+            self.notify("no job open", severity="warning")
+            return
+        with self._lock:
+            lora = self.series.final_lora()
+        if lora is None:
+            self.notify("this job has not saved a LoRA yet", severity="warning")
+            return
+        path = _abs_path(self.job, lora)
+        open_lora = getattr(self.app, "open_lora", None)
+        if callable(open_lora):
+            open_lora(path)
+            return
+        from nyx_tui.screens.lora import LoraScreen  # a host without the LoRA mode: show it over this screen
+
+        self.app.push_screen(LoraScreen(path))

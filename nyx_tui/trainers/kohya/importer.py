@@ -597,10 +597,14 @@ class _Importer:
         }
         lr_weights: dict[str, list[Any]] = {}
         type_dims: dict[str, int] = {}
+        no_conv = False
+        lycoris = self.flat.get("network_module") == _LYCORIS
         for key, raw in args.items():
             name = f"network_args.{key}"
             value = _literal(raw)
-            if key in simple:
+            if lycoris and key in tr.LORA_MODULE_ONLY_ARGS:
+                self.note(name, raw, "lycoris.kohya does not read it (only sd-scripts' own LoRA modules do)")
+            elif key in simple:
                 path, typ = simple[key]
                 if key.startswith("conv") and not unet:
                     self.note(name, raw, f"convolution adapters are for the UNet families, not {fam.value}")
@@ -645,6 +649,8 @@ class _Importer:
                 self.set("flow.split_qkv", bool(_as_bool(raw)))
             elif key in ("preset",) and str(value).lower() in ("full", "default"):
                 continue  # LyCORIS's default target set
+            elif key == "preset" and str(value).lower() == tr.LYCORIS_NO_CONV_PRESET:
+                no_conv = True  # LyCORIS' default set without the 3x3 convolutions
             elif (
                 key
                 in (
@@ -678,6 +684,21 @@ class _Importer:
         # the same convolution rank written out or left empty: Nyx's empty is dim/alpha for the LyCORIS kinds (as
         # LyCORIS defaults them) and conv_alpha's empty is alpha, so the explicit equal values are folded away
         net = self.data.get("network", {})
+        kind = str(getattr(net.get("kind"), "value", net.get("kind")))
+        if unet and kind in ("locon", "loha", "lokr", "dora"):
+            # lycoris.kohya: conv_dim absent (or 0) means convolutions at rank dim, unless the preset has none
+            if no_conv:
+                if net.get("conv_dim"):
+                    self.note(
+                        "network_args.conv_dim", net["conv_dim"], f"ignored by LyCORIS' {tr.LYCORIS_NO_CONV_PRESET}"
+                    )
+                net.pop("conv_alpha", None)
+                if kind == "dora":
+                    net.pop("conv_dim", None)  # Nyx's DoRA: no convolutions when empty
+                else:
+                    net["conv_dim"] = 0
+            elif kind == "dora" and not net.get("conv_dim"):
+                net["conv_dim"] = int(self.value("network_dim") or net.get("dim") or 4)  # LyCORIS: dim
         if net.get("conv_alpha") is not None and net.get("conv_alpha") == net.get("alpha"):
             del net["conv_alpha"]
         if (

@@ -72,6 +72,11 @@ LYCORIS_ALGOS: dict[NetworkKind, str] = {
 DORA_ARGS: tuple[str, ...] = ("dora_wd=True",)
 """Extra network args that make LyCORIS' `lora` algo a DoRA."""
 
+LYCORIS_NO_CONV_PRESET = "full-lin"
+"""LyCORIS' `preset` for its default modules without the 3x3 convolutions. `lycoris.kohya` reads
+`conv_dim = int(kwargs.get("conv_dim", dim) or dim)`: an absent or 0 conv_dim means convolutions at rank `dim`
+(its "full" preset enables them), so "no convolutions" (Nyx's conv_dim = 0, and DoRA's empty) is this preset."""
+
 OPTIMIZERS: dict[OptimizerKind, str] = {
     OptimizerKind.ADAMW: "AdamW",
     OptimizerKind.ADAMW8BIT: "AdamW8bit",
@@ -143,6 +148,18 @@ DOUBLE_BLOCK_INDEX_ARGS: dict[Family, str] = {
     Family.SD3: "train_block_indices",  # lora_sd3 has one kind of block: the joint ones
 }
 """`flow.double_block_indices` → the network arg of the family's LoRA module."""
+
+LORA_MODULE_ONLY_ARGS: frozenset[str] = frozenset(
+    {
+        "train_blocks",
+        "split_qkv",
+        "train_double_block_indices",
+        "train_single_block_indices",
+        "train_block_indices",
+        *FLUX_TYPE_DIM_ARGS.values(),
+    }
+)
+"""Network args only `networks.lora_flux` / `networks.lora_sd3` read (LyCORIS ignores them without a word)."""
 
 MAX_TOKEN_LENGTH: dict[int, int | None] = {75: None, 150: 150, 225: 225}
 """`dataset.max_token_length` → sd-scripts' `max_token_length` (its choices: None = 75, 150, 225)."""
@@ -339,7 +356,18 @@ class _Builder:
             return
         self.config[key] = value
 
-    def net(self, key: str, value: Any) -> None:
+    def net(self, key: str, value: Any, field_: str | None = None) -> None:
+        """Add a network arg. The block and type options of sd-scripts' Flux/SD3 LoRA modules are refused with
+        a LyCORIS kind: `lycoris.kohya` does not read them, so they would change nothing and say nothing."""
+        kind = self.cfg.network.kind
+        if key in LORA_MODULE_ONLY_ARGS and kind is not NetworkKind.LORA:
+            where = field_ or f"network_args.{key}"
+            self.error(
+                where,
+                f"LyCORIS ({kind.value}) has no {key}: only sd-scripts' {NETWORK_MODULES[self.family]} reads it",
+                f'remove {where}, or use network.kind = "lora"',
+            )
+            return
         self.network_args.append(f"{key}={_arg_str(value)}")
 
 
@@ -540,7 +568,7 @@ def _generic(b: _Builder, p: Param) -> None:
     if kohya.startswith("network_args."):
         if value is None or value == default:
             return
-        b.net(kohya.removeprefix("network_args."), value)
+        b.net(kohya.removeprefix("network_args."), value, p.path)
         return
     if value is None or (not value and kohya not in _ZERO_MEANINGFUL):
         return  # off in both (0/false means "never"/"off"; sd-scripts' `% 0` would even crash on some)
@@ -577,6 +605,8 @@ def _network(b: _Builder) -> None:
         if conv_dim:
             b.net("conv_dim", conv_dim)
             b.net("conv_alpha", net.conv_alpha if net.conv_alpha is not None else net.alpha)
+        elif kind is not NetworkKind.LORA:
+            b.net("preset", LYCORIS_NO_CONV_PRESET)  # LyCORIS would train convolutions at rank dim otherwise
         if net.block_lr_weights is not None and kind is NetworkKind.LORA:
             if b.family is Family.SDXL:
                 b.error(
@@ -604,10 +634,10 @@ def _network(b: _Builder) -> None:
         b.config["text_encoder_lr"] = [float(net.text_encoder_lr)]
     flow = b.cfg.flow
     if flow.double_block_indices is not None and b.family in DOUBLE_BLOCK_INDEX_ARGS:
-        b.net(DOUBLE_BLOCK_INDEX_ARGS[b.family], flow.double_block_indices)
+        b.net(DOUBLE_BLOCK_INDEX_ARGS[b.family], flow.double_block_indices, "flow.double_block_indices")
     if flow.block_type_dims and b.family is Family.FLUX:
         for name, dim in flow.block_type_dims.items():
-            b.net(FLUX_TYPE_DIM_ARGS[name], dim)
+            b.net(FLUX_TYPE_DIM_ARGS[name], dim, f"flow.block_type_dims.{name}")
 
 
 def _optimizer(b: _Builder) -> None:
@@ -858,6 +888,18 @@ def _ignored(b: _Builder) -> None:
                 "not used by sd-scripts, which reads single files with its own configs",
                 f"nothing to do; model.{name} only matters to the native backend",
             )
+    quality = b.cfg.quality
+    changed = [
+        f"quality.{name}"
+        for name, field in type(quality).model_fields.items()
+        if getattr(quality, name) != field.get_default(call_default_factory=True)
+    ]
+    if changed:
+        b.warn(
+            changed[0],
+            f"the native engine's quality checks ({', '.join(changed)}) do not run under sd-scripts",
+            "nothing to do; watch the loss on the dashboard, or train with backend.name = \"native\"",
+        )
 
 
 def _families(path: str) -> tuple[Family, ...]:
@@ -967,7 +1009,7 @@ def to_kohya(cfg: TrainingConfig, *, custom: bool = False, output_dir: str | Non
     custom = custom or cfg.backend.name is BackendKind.KOHYA_CUSTOM
     b = _Builder(cfg, custom, output_dir)
     for p in iter_params(TrainingConfig):
-        if p.path in _HANDLED or p.path.startswith("dataset."):
+        if p.path in _HANDLED or p.path.startswith(("dataset.", "quality.")):
             continue
         _generic(b, p)
     _network(b)

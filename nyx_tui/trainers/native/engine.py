@@ -39,19 +39,20 @@ timesteps. Same seed, data and config → the same losses.
 
 from __future__ import annotations
 
-import math
+import json
 import random
 import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
 from nyx_tui.config.fields import FLOW_FAMILIES
 from nyx_tui.config.model import TrainingConfig
@@ -74,6 +75,7 @@ from nyx_tui.trainers.native import (
     networks,
     optim,
     progress,
+    quality,
     sampling,
     validation,
 )
@@ -81,7 +83,7 @@ from nyx_tui.trainers.native.ema import LoraEMA
 from nyx_tui.trainers.native.progress import SeededGenerators
 from nyx_tui.trainers.native.state import STATE_INFO, Retention, StateInfo, network_signature
 
-__all__ = ["STATE_INFO", "SeededGenerators", "keep_trainable_weights", "train"]
+__all__ = ["STATE_INFO", "SeededGenerators", "Setup", "keep_trainable_weights", "optimizer_step", "prepare", "train"]
 
 
 class Reporter:
@@ -126,8 +128,68 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
-    """Run the whole training job; returns the process exit code (0 also for `stop` and `cancel`)."""
+@dataclass
+class Setup:
+    """Everything `prepare` builds for a run: the accelerator and the reporter, the data (training stream and
+    validation loader), the model with its adapter, the optimizer and schedule (a resumed state loaded), and
+    `step`, where the run starts. `train` runs the loop over it; the LR range test
+    (`nyx_tui.workflows.lr_find`) runs its own short sweep over the same pieces with `optimizer_step`."""
+
+    job: JobDir
+    cfg: TrainingConfig
+    accelerator: Accelerator
+    report: Reporter
+    cuda: bool
+    mixed: str
+    device: torch.device
+    weight_dtype: torch.dtype
+    items: list[Any]
+    val_items: list[Any]
+    val_loader: Any
+    plan: progress.Plan
+    model: models.SDModel | flow_models.FlowModel
+    flow: bool
+    network: Any
+    params: list[torch.nn.Parameter]
+    optimizer: Any
+    lr_scheduler: Any
+    unet: Any
+    ema: LoraEMA | None
+    gens: SeededGenerators
+    noise_gen: torch.Generator
+    stream: progress.BatchStream
+    latent_cache: Any
+    text_cache: Any
+    step: int
+
+    def batch_loss(self, denoiser: Any, batch: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
+        """The loss of one batch (latents, text conditioning, then noise and timesteps from `gen`); training
+        passes the (DDP-wrapped) UNet, validation the bare one."""
+        model, cfg, tr, network, device = self.model, self.cfg, self.cfg.training, self.network, self.device
+        weight_dtype, latent_cache, text_cache = self.weight_dtype, self.latent_cache, self.text_cache
+        lat = latents.batch_latents(model, batch, gen, device, weight_dtype, latent_cache)
+        if isinstance(model, flow_models.FlowModel):
+            if text_cache is not None:  # SD3's encoder dropout on the cached rows, drawn as without the cache
+                fcond = flow_models.drop_encoders(
+                    model, text_cache.conditioning(batch["captions"], device), cfg.flow, gen
+                )
+            else:
+                with nullcontext() if network.trains_text_encoder else torch.no_grad():
+                    fcond = flow_models.encode_text(model, batch["captions"], device, cfg.flow, gen)
+            return flow_losses.training_loss(
+                model, denoiser, lat, fcond, batch, gen, tr, cfg.flow, device, weight_dtype
+            )
+        if text_cache is not None:
+            cond = text_cache.conditioning(batch["captions"], device)
+        else:
+            with nullcontext() if network.trains_text_encoder else torch.no_grad():
+                cond = models.encode_text(model, batch["captions"], device)
+        return losses.training_loss(model, denoiser, lat, cond, batch, gen, tr, device, weight_dtype)
+
+
+def prepare(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> Setup:
+    """Build a run up to its first step: accelerator, data, model and adapter, optimizer and schedule, a
+    resumed state. Emits the loading stages and the logs that describe the run."""
     # paths are absolute here: `load_config` resolved relative ones against the config file's folder
     tr = cfg.training
     cuda = torch.cuda.is_available()
@@ -194,7 +256,6 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
             f"scheduler.warmup_steps ({cfg.scheduler.warmup_steps}) must be below the run's {plan.total_steps} "
             f"steps ({plan.total_epochs} epochs of {plan.steps_per_epoch}); lower the warmup"
         )
-    num_epochs = plan.total_epochs
     n_images = len(dict.fromkeys(i.image for i in items))
     held_out = f" (+{len(val_items)} held out for validation)" if val_items else ""
     report.log(f"{n_images} images{held_out}, {len(items)} with repeats; {plan.describe()}")
@@ -289,6 +350,77 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
     accum = tr.gradient_accumulation_steps
     stream = progress.BatchStream(loader, sampler, gens, plan, accum, start_epoch, batches_done)
     epoch_batches.epoch = start_epoch - 1  # its next pass is the stream's epoch (caption_dropout_every_n_epochs)
+    return Setup(
+        job=job,
+        cfg=cfg,
+        accelerator=accelerator,
+        report=report,
+        cuda=cuda,
+        mixed=mixed,
+        device=device,
+        weight_dtype=weight_dtype,
+        items=items,
+        val_items=val_items,
+        val_loader=val_loader,
+        plan=plan,
+        model=model,
+        flow=flow,
+        network=network,
+        params=params,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        unet=unet,
+        ema=ema,
+        gens=gens,
+        noise_gen=noise_gen,
+        stream=stream,
+        latent_cache=latent_cache,
+        text_cache=text_cache,
+        step=step,
+    )
+
+
+def optimizer_step(s: Setup, first: bool = False) -> tuple[float, list[float]]:
+    """One optimizer step over its micro-batches (`gradient_accumulation_steps`, fewer at the end of an
+    epoch): forward, backward, clip, step, schedule, EMA. Returns (the step's loss — with several processes
+    the mean of theirs —, the learning rates it stepped with). `first`: log each process's first batch."""
+    accelerator, stream, unet = s.accelerator, s.stream, s.unet
+    loss_sum, micro = 0.0, 0
+    for batch, count in stream.step_batches():
+        micro += 1
+        sync = micro == count
+        with nullcontext() if sync else accelerator.no_sync(unet), accelerator.autocast():
+            loss = s.batch_loss(unet, batch, s.noise_gen)
+            accelerator.backward(loss / count)
+        loss_sum += loss.detach().item()
+        if first and micro == 1 and accelerator.num_processes > 1:
+            shards = distributed.shard_summary(accelerator, list(batch["captions"]))
+            for rank, captions in enumerate(shards or []):
+                s.report.log(f"process {rank} of {accelerator.num_processes}: first batch {captions}")
+    s.network.reduce_text_encoder_grads(accelerator)  # the UNet's are reduced by DDP
+    if s.cfg.optimizer.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(s.params, s.cfg.optimizer.max_grad_norm)
+    lrs = optim.effective_lrs(s.optimizer)
+    s.optimizer.step()
+    s.lr_scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    if s.ema is not None:
+        s.ema.update()
+    step_loss = loss_sum / micro
+    if accelerator.num_processes > 1:
+        step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=s.device), reduction="mean").item())
+    return step_loss, lrs
+
+
+def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
+    """Run the whole training job; returns the process exit code (0 also for `stop` and `cancel`; 1 when the
+    loss diverged: the quality check stopped it, see `quality`)."""
+    s = prepare(job, cfg, events)
+    tr = cfg.training
+    accelerator, report, cuda, mixed, device = s.accelerator, s.report, s.cuda, s.mixed, s.device
+    items, val_loader, plan, model, flow, network = s.items, s.val_loader, s.plan, s.model, s.flow, s.network
+    params, optimizer, ema, gens, noise_gen, stream = s.params, s.optimizer, s.ema, s.gens, s.noise_gen, s.stream
+    num_epochs, step = plan.total_epochs, s.step
 
     # ---------------------------------------------------------------- saving
     sv = cfg.saving
@@ -350,6 +482,7 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
         with ema.swapped() if ema else nullcontext():
             path = lora_io.save_lora(path, network.file_state_dict(save_dtype), meta)
         report.emit("artifact", path=str(path), what="lora", step=step)
+        record.checkpoint(str(path), step, divergence_watch.smoothed)
         print(f"saved {path}", flush=True)
 
     def save_training_state(path: Path, lora: Path, step: int) -> None:
@@ -382,40 +515,34 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
         print(f"saved the training state {path}", flush=True)
 
     # ---------------------------------------------------------------- the loss, validation
-    def batch_loss(denoiser: Any, batch: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
-        """The loss of one batch (latents, text conditioning, then noise and timesteps from `gen`); training
-        passes the (DDP-wrapped) UNet, validation the bare one."""
-        lat = latents.batch_latents(model, batch, gen, device, weight_dtype, latent_cache)
-        if isinstance(model, flow_models.FlowModel):
-            if text_cache is not None:  # SD3's encoder dropout on the cached rows, drawn as without the cache
-                fcond = flow_models.drop_encoders(
-                    model, text_cache.conditioning(batch["captions"], device), cfg.flow, gen
+    def validate(step: int) -> bool:
+        """`val_loss` of the held-out images at the weights that would be saved now (the EMA when on), fed to
+        the overfitting check. True when that check asks the run to stop (quality.stop_on_overfit), on every
+        process (only the main one validates)."""
+        overfit = None
+        if val_loader is not None and step not in record.val_losses:
+            network.eval()  # no adapter dropout: nothing random but the fixed-seed generator
+            try:
+                with weights_to_keep(), ema.swapped() if ema else nullcontext(), accelerator.autocast():
+                    value = validation.validation_loss(model.unet, val_loader, s.batch_loss, tr.seed)
+            finally:
+                network.train()
+            report.emit("metric", name="val_loss", value=value, step=step)
+            print(f"step {step} val_loss {value:.4f}", flush=True)
+            record.validated(step, value)
+            overfit = overfit_watch.update(step, value, divergence_watch.smoothed if step else None)
+            if overfit is not None:
+                record.overfit = overfit
+                stopping = " (quality.stop_on_overfit: saving and stopping)" if qc.stop_on_overfit else ""
+                report.log(
+                    f"{overfit.describe()}: the LoRA starts to memorise the training images; the run report "
+                    f"names the checkpoint to keep{stopping}",
+                    "warning",
                 )
-            else:
-                with nullcontext() if network.trains_text_encoder else torch.no_grad():
-                    fcond = flow_models.encode_text(model, batch["captions"], device, cfg.flow, gen)
-            return flow_losses.training_loss(
-                model, denoiser, lat, fcond, batch, gen, tr, cfg.flow, device, weight_dtype
-            )
-        if text_cache is not None:
-            cond = text_cache.conditioning(batch["captions"], device)
-        else:
-            with nullcontext() if network.trains_text_encoder else torch.no_grad():
-                cond = models.encode_text(model, batch["captions"], device)
-        return losses.training_loss(model, denoiser, lat, cond, batch, gen, tr, device, weight_dtype)
-
-    def validate(step: int) -> None:
-        """`val_loss` of the held-out images at the weights that would be saved now (the EMA when on)."""
-        if val_loader is None:
-            return
-        network.eval()  # no adapter dropout: nothing random but the fixed-seed generator
-        try:
-            with weights_to_keep(), ema.swapped() if ema else nullcontext(), accelerator.autocast():
-                value = validation.validation_loss(model.unet, val_loader, batch_loss, tr.seed)
-        finally:
-            network.train()
-        report.emit("metric", name="val_loss", value=value, step=step)
-        print(f"step {step} val_loss {value:.4f}", flush=True)
+                report.emit("metric", name="overfitting", value=float(overfit.from_step), step=step)
+        if not qc.stop_on_overfit:
+            return False
+        return distributed_flag(accelerator, overfit is not None)
 
     # ---------------------------------------------------------------- samples
     sample_jobs = sampling.jobs(cfg)  # parsed on every process (cheap); only the main one renders
@@ -437,6 +564,7 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
                 report.log(f"rendering the samples at step {step} failed: {type(e).__name__}: {e}", "error")
             else:
                 report.emit("sample", step=step, images=[str(p) for p in done.images], prompts=done.prompts)
+                record.samples[step] = [str(p) for p in done.images]
                 print(f"step {step}: {len(done.images)} sample(s) in {done.images[0].parent}", flush=True)
             finally:
                 network.train()
@@ -445,6 +573,36 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
                 times[i] += elapsed
         accelerator.wait_for_everyone()
 
+    # ---------------------------------------------------------------- the end of a run
+    def write_report(state: str, step: int) -> None:
+        """`report.json` in the job folder (the main process): the checkpoint to keep, flags, samples."""
+        if not accelerator.is_main_process:
+            return
+        data = quality.build_report(record, job=job.id, state=state, step=step, total_steps=plan.total_steps)
+        path = job.path / "report.json"
+        atomic_write(path, json.dumps(data, indent=1, allow_nan=False, default=str) + "\n")
+        report.emit("artifact", path=str(path), what="report", step=step)
+        report.log(quality.summary(data))
+
+    def end_diverged(d: quality.Divergence) -> int:
+        """The loss diverged: nothing more is saved (the saves before it stay), the report says which one to
+        keep, and a `log` event with `error` and `hint` becomes the job's failure (exit 1)."""
+        record.divergence = d
+        write_report("diverged", d.step)
+        error = f"{d.describe()}: training stopped early"
+        hint = quality.divergence_hint(float(cfg.optimizer.learning_rate), fp16=mixed == "fp16")
+        report.log(f"{error}. Fix: {hint}", "error", error=error, hint=hint)
+        accelerator.wait_for_everyone()
+        return 1
+
+    # ---------------------------------------------------------------- quality checks, the run report
+    qc = cfg.quality
+    divergence_watch = quality.DivergenceWatch(
+        qc.explosion_factor, qc.warmup_steps, qc.patience_steps, qc.smoothing_steps, enabled=qc.divergence_check
+    )
+    overfit_watch = quality.OverfitWatch(qc.overfit_patience, enabled=qc.overfit_check)
+    record = quality.RunRecord()
+
     # ---------------------------------------------------------------- the loop
     commands = distributed.CommandChannel(accelerator, ControlReader(job.control_path))
     recent: deque[float] = deque(maxlen=cfg.logging.loss_avg_window)
@@ -452,7 +610,8 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
     total = plan.total_steps
     print_every = max(1, total // 20)
     validate_every = tr.validate_every_n_steps
-    stopped = False
+    stopped = overfit_stop = False
+    diverged: quality.Divergence | None = None
     report.stage(len(LOAD_STAGES))
     if step >= total:
         report.log(f"the resumed state is at step {step}; this run has {total} steps: nothing left to train", "warning")
@@ -484,37 +643,13 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
             break
 
         # -- one optimizer step over its micro-batches (`accum`, fewer at the end of an epoch)
-        loss_sum, micro = 0.0, 0
-        for batch, count in stream.step_batches():
-            micro += 1
-            sync = micro == count
-            with nullcontext() if sync else accelerator.no_sync(unet), accelerator.autocast():
-                loss = batch_loss(unet, batch, noise_gen)
-                accelerator.backward(loss / count)
-            loss_sum += loss.detach().item()
-            if step == 0 and micro == 1 and accelerator.num_processes > 1:
-                shards = distributed.shard_summary(accelerator, list(batch["captions"]))
-                for rank, captions in enumerate(shards or []):
-                    report.log(f"process {rank} of {accelerator.num_processes}: first batch {captions}")
-        network.reduce_text_encoder_grads(accelerator)  # the UNet's are reduced by DDP
-        if opt.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, opt.max_grad_norm)
-        lrs = optim.effective_lrs(optimizer)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update()
+        step_loss, lrs = optimizer_step(s, first=step == s.step)
         step += 1
 
-        # -- report (with several processes: the mean of their losses)
-        step_loss = loss_sum / micro
-        if accelerator.num_processes > 1:
-            step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=device), reduction="mean").item())
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(
-                f"the loss became {step_loss} at step {step}; lower optimizer.learning_rate or use fp32/bf16"
-            )
+        # -- the divergence check (the loss is the same on every process: they all decide alike)
+        diverged = divergence_watch.update(step, step_loss)
+        if diverged is not None:
+            break
         recent.append(step_loss)
         times.append(time.perf_counter())
         it_s = (len(times) - 1) / (times[-1] - times[0])
@@ -537,17 +672,27 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
                 flush=True,
             )
 
-        # -- samples, save and validate when due
+        # -- samples, save and validate when due (validated at every save too: the report ranks the saves)
         if sampling.due(cfg.sampling, step, stream.epoch, stream.epoch_finished):
             render_samples(step)
+        saved_now = False
         if step < total:
             by_epoch = bool(sv.every_n_epochs) and stream.epoch_finished and stream.epoch % sv.every_n_epochs == 0
             by_step = bool(sv.every_n_steps) and step % sv.every_n_steps == 0
             if by_epoch or by_step:
-                save(step, final=False, state=sv.save_state, tag="epoch" if by_epoch else "step")
-        if (validate_every and step % validate_every == 0) or step == total:
-            validate(step)
+                # while the loss is above the explosion threshold, earlier saves are not pruned for this one
+                keep = divergence_watch.alarmed
+                save(step, final=False, state=sv.save_state, tag="epoch" if by_epoch else "step", keep=keep)
+                saved_now = True
+        due = (validate_every and step % validate_every == 0) or step == total or saved_now
+        if due and validate(step):
+            stopped = overfit_stop = True
+            break
 
+    if diverged is not None:
+        return end_diverged(diverged)
+    if stopped and not overfit_stop:
+        validate(step)  # the stopped run's final LoRA gets its validation loss for the report (if not measured)
     save(step, final=True, state=stopped or sv.save_state)  # a stopped run is meant to go on
     if accelerator.num_processes > 1:
         same = len(set(distributed.digests(accelerator, params))) == 1
@@ -556,12 +701,23 @@ def train(job: JobDir, cfg: TrainingConfig, events: EventWriter) -> int:
             "processes",
             "info" if same else "error",
         )
+    write_report("stopped" if stopped else "finished", step)
     accelerator.wait_for_everyone()
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         report.emit("metric", name="peak_vram_gib", value=round(peak, 3), step=step)
     report.log(f"{'stopped' if stopped else 'finished'} at step {step} in {time.time() - started_at:.1f} s")
     return 0
+
+
+def distributed_flag(accelerator: Accelerator, flag: bool) -> bool:
+    """The main process's `flag` on every process (a decision only it can make, such as the overfitting
+    check, which sees the validation loss only there)."""
+    if accelerator.num_processes <= 1:
+        return flag
+    box = [flag]
+    broadcast_object_list(box, from_process=0)
+    return bool(box[0])
 
 
 def unload_text_encoders(model: flow_models.FlowModel, report: Reporter, keep: bool = False) -> None:

@@ -22,7 +22,6 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from peft.utils import get_peft_model_state_dict
 
 from nyx_tui.config.fields import FLOW_FAMILIES, Family
 from nyx_tui.config.model import TrainingConfig
@@ -90,6 +89,8 @@ def kohya_state_dict(
 ) -> dict[str, torch.Tensor]:
     """A peft UNet adapter's weights under kohya names (`to_kohya_keys`), in `dtype`, with every module's
     `.alpha` = the real alpha (diffusers' own converter writes the rank there: the trap in NOTES)."""
+    from peft.utils import get_peft_model_state_dict  # here: peft pulls in bitsandbytes, which hashing never needs
+
     peft_sd = get_peft_model_state_dict(unet)
     config = getattr(unet, "config", None)
     kohya = to_kohya_keys(family, {f"unet.{k}": v for k, v in peft_sd.items()}, config)
