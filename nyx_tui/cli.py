@@ -132,10 +132,44 @@ def cmd_config_export(args: argparse.Namespace) -> int:
 
 
 def cmd_config_presets(args: argparse.Namespace) -> int:
+    """The presets and user templates: name, built-in/user, families, VRAM, what each is for (`--names`:
+    names only, one a line, for scripts)."""
     from nyx_tui.config.presets import list_presets
 
-    for name in list_presets():
-        print(name)
+    if args.names:
+        for name in list_presets():
+            print(name)
+        return EXIT_OK
+    from nyx_tui.config.templates import list_templates
+
+    templates = list_templates()
+    width = max((len(t.name) for t in templates), default=4)
+    for t in templates:
+        if t.error:
+            print(f"{t.name:<{width}}  {t.source:<8}  (does not load: {t.error})")
+            continue
+        families = ",".join(t.families)
+        print(f"{t.name:<{width}}  {t.source:<8}  {families:<5}  {t.vram_text:<18}  {t.summary}")
+    return EXIT_OK
+
+
+def cmd_config_save_template(args: argparse.Namespace) -> int:
+    """`nyx config save-template FILE --name N [--description D]`: keep a config as a user template."""
+    from nyx_tui.config.errors import ConfigError
+    from nyx_tui.config.io import load_config
+    from nyx_tui.config.templates import TemplateError, save_template
+
+    err = _console(stderr=True)
+    try:
+        cfg = load_config(Path(args.file))
+        path = save_template(args.name, cfg, args.description or "", overwrite=args.force)
+    except ConfigError as e:
+        _print_problems(err, e.problems, args.file)
+        return EXIT_USAGE
+    except TemplateError as e:
+        err.print(f"[red]error[/]: {e.message}\n  [green]fix[/]: {e.fix}", highlight=False)
+        return EXIT_USAGE
+    err.print(f"saved template {path.stem!r} as {path}; use it with: nyx config new --preset {path.stem}")
     return EXIT_OK
 
 
@@ -603,6 +637,9 @@ def cmd_tui(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------------------------------- main
 
 
+KIND_HELP = "only these kinds: train, tag, caption, download, compare, lr-find, workflow, sweep"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nyx",
@@ -617,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="create and check training configs")
     csub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     new = csub.add_parser("new", help="write a complete config from a preset")
-    new.add_argument("--preset", default="sd15-lora", help="preset name (nyx config presets lists them)")
+    new.add_argument("--preset", default="sd15-lora", help="preset or user template (nyx config presets lists them)")
     new.add_argument("-o", "--output", help="file to write (default: stdout)")
     new.add_argument("--force", action="store_true", help="overwrite an existing file")
     new.set_defaults(func=cmd_config_new)
@@ -633,7 +670,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--sd-scripts", help="sd-scripts checkout for the launch command (default: backend.path)")
     export.add_argument("--python", help="sd-scripts' Python for the launch command (default: its own venv's)")
     export.set_defaults(func=cmd_config_export)
-    csub.add_parser("presets", help="list the presets").set_defaults(func=cmd_config_presets)
+    presets = csub.add_parser("presets", help="list the presets and your templates (VRAM, families, purpose)")
+    presets.add_argument("--names", action="store_true", help="names only, one a line")
+    presets.set_defaults(func=cmd_config_presets)
+    save_tpl = csub.add_parser("save-template", help="keep a config file as a user template (for --preset)")
+    save_tpl.add_argument("file", help="the config TOML to keep")
+    save_tpl.add_argument("--name", required=True, help="the template's name (letters, digits, . _ -)")
+    save_tpl.add_argument("--description", help="what it is for (shown in the library)")
+    save_tpl.add_argument("--force", action="store_true", help="overwrite a user template of that name")
+    save_tpl.set_defaults(func=cmd_config_save_template)
     docs = csub.add_parser("docs", help="write the parameter reference (Markdown)")
     docs.add_argument("-o", "--output", default="docs/config.md", help="file, or - for stdout")
     docs.set_defaults(func=cmd_config_docs)
@@ -656,9 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = sub.add_parser("jobs", help="list jobs (history), or clean up old ones")
     filters = argparse.ArgumentParser(add_help=False)
     filters.add_argument("--state", action="append", help="only these states (repeat or comma-separate)")
-    filters.add_argument("--kind", action="append", help="only these kinds: train, tag, caption, download")
+    filters.add_argument("--kind", action="append", help=KIND_HELP)
     jobs.add_argument("--state", action="append", help="only these states (repeat or comma-separate)")
-    jobs.add_argument("--kind", action="append", help="only these kinds: train, tag, caption, download")
+    jobs.add_argument("--kind", action="append", help=KIND_HELP)
     jobs.add_argument("--limit", type=int, help="only the newest N")
     jobs.add_argument("--json", action="store_true", help="print a JSON array")
     jobs.set_defaults(func=cmd_jobs)

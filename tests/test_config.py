@@ -26,7 +26,7 @@ from nyx_tui.config.errors import ConfigError, Problem
 from nyx_tui.config.fields import Family, iter_params
 from nyx_tui.config.io import all_params, dumps_config, load_config, parse_config, save_config
 from nyx_tui.config.model import BLOCK_FIELDS, UNET_BLOCK_COUNTS, SubsetConfig, TrainingConfig
-from nyx_tui.config.presets import list_presets, load_preset, preset_data
+from nyx_tui.config.presets import builtin_presets, load_preset, preset_data
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,11 +64,11 @@ def test_defaults_round_trip() -> None:
 
 
 def test_shipped_presets_exist() -> None:
-    names = list_presets()
+    names = builtin_presets()
     assert {"sd15-lora", "sdxl-lora"} <= set(names)
 
 
-@pytest.mark.parametrize("name", list_presets())
+@pytest.mark.parametrize("name", builtin_presets())
 def test_every_preset_loads_and_round_trips(name: str) -> None:
     cfg = load_preset(name)
     assert parse_config(dumps_config(cfg)) == cfg

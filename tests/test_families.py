@@ -21,7 +21,7 @@ from nyx_tui.config.check import check_config, check_file, preflight
 from nyx_tui.config.fields import Family
 from nyx_tui.config.io import dumps_config, parse_config
 from nyx_tui.config.model import ModelSection, TrainingConfig
-from nyx_tui.config.presets import list_presets, load_preset
+from nyx_tui.config.presets import builtin_presets, load_preset
 from nyx_tui.families import (
     FAMILY_DEFAULTS,
     REPO_NOT_CHECKED,
@@ -665,7 +665,7 @@ def test_an_instance_passed_in_is_not_changed() -> None:
     assert cfg.dataset.resolution == 1024 and dataset.resolution == 512
 
 
-@pytest.mark.parametrize("name", list_presets())
+@pytest.mark.parametrize("name", builtin_presets())
 def test_presets_keep_their_resolution(name: str) -> None:
     cfg = load_preset(name)
     assert parse_config(dumps_config(cfg)) == cfg

@@ -16,7 +16,7 @@ import pytest
 
 from nyx_tui.cli import main
 from nyx_tui.config.model import NetworkKind, OptimizerKind, SchedulerKind, TrainingConfig
-from nyx_tui.config.presets import list_presets, load_preset
+from nyx_tui.config.presets import builtin_presets, load_preset
 from nyx_tui.trainers.kohya import samples, translate
 from nyx_tui.trainers.kohya.translate import KohyaExport, to_kohya, write_export
 
@@ -182,7 +182,7 @@ def test_emitted_arg_names_exist_in_every_script_they_are_offered_for() -> None:
         assert not missing, f"{fam}: {sorted(missing)}"
 
 
-@pytest.mark.parametrize("name", list_presets())
+@pytest.mark.parametrize("name", builtin_presets())
 def test_every_preset_exports_valid_keys_and_dataset(name: str) -> None:
     cfg = load_preset(name)
     export = to_kohya(cfg)

@@ -78,6 +78,7 @@ class ConfigScreen(Screen[None]):
         _b("ctrl+s", "save", "Save", priority=True),
         _b("ctrl+o", "load", "Load", priority=True),
         _b("f6", "add_subset", "Add subset"),
+        _b("f9", "templates", "Templates", show=False),  # footer full: F1 lists it
     ]
 
     class _Loaded(Message):
@@ -160,12 +161,20 @@ class ConfigScreen(Screen[None]):
         name = event.value
         if name is Select.NULL or not isinstance(name, str) or name == self.preset:
             return
+        await self.apply_preset(name)
+
+    async def apply_preset(self, name: str) -> None:
+        """Fill the form from the preset or user template `name` (the preset menu and the templates library)."""
         try:
             cfg, baseline = self._preset_config(name)
         except ConfigError as e:
             self.notify("\n".join(str(p) for p in e.problems), title=f"preset {name}", severity="error")
             return
         self.preset, self._baseline, self.source = name, baseline, None
+        select = self.query_one("#preset", Select)
+        with self.prevent(Select.Changed):
+            select.set_options([(n, n) for n in list_presets()])  # the library may have added or removed some
+            select.value = name
         await self.form.set_config(cfg)
         self.validate_form()
         self.set_status(f"preset {name} applied")
@@ -325,6 +334,25 @@ class ConfigScreen(Screen[None]):
 
     def action_focus_preset(self) -> None:
         self.query_one("#preset", Select).focus()
+
+    def action_templates(self) -> None:
+        """The templates library; the template picked there fills the form."""
+        from nyx_tui.screens.templates import TemplatesScreen
+
+        self.validate_form()
+
+        async def picked(name: str | None) -> None:
+            if name:
+                await self.apply_preset(name)
+            else:  # templates may have been saved or deleted
+                select = self.query_one("#preset", Select)
+                with self.prevent(Select.Changed):
+                    value = select.value
+                    select.set_options([(n, n) for n in list_presets()])
+                    if isinstance(value, str) and value in list_presets():
+                        select.value = value
+
+        self.app.push_screen(TemplatesScreen(self.config), picked)
 
     def action_toggle_advanced(self) -> None:
         box = self.query_one("#advanced", Checkbox)
