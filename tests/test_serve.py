@@ -1,0 +1,192 @@
+"""`nyx serve`: a real server on 127.0.0.1, its page over HTTP, a real browser-side websocket session running
+the TUI, a clean stop; the refusal of non-loopback addresses and a clear error for a taken port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import httpx
+import pytest
+from conftest import wait_for
+
+from nyx_tui import serve
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env_for(tmp_path: Path) -> dict[str, str]:
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    return {**os.environ, "NYX_HOME": str(home), "NYX_GPU": "none", "COLUMNS": "160"}
+
+
+def nyx_serve(*args: str, env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nyx_tui", "serve", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid` (walks /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nyx_tui", "serve", "--port", str(port)],
+        env=env_for(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    yield proc, port
+    if proc.poll() is None:
+        for pid in descendants(proc.pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def fetch_page(port: int, **headers: str) -> httpx.Response:
+    def get() -> httpx.Response | None:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/", headers=headers, timeout=5)
+        except httpx.TransportError:
+            return None
+
+    response = wait_for(get, timeout=30)
+    assert isinstance(response, httpx.Response)
+    return response
+
+
+def tui_processes(server_pid: int) -> set[int]:
+    """The `nyx_tui tui` processes the server runs, one per browser session."""
+    found = set()
+    for pid in descendants(server_pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"nyx_tui" in cmdline and b"tui" in cmdline and alive(pid):
+            found.add(pid)
+    return found
+
+
+async def browser_session(port: int, want: bytes, while_open: Callable[[], object], timeout: float = 60) -> bytes:
+    """Be the browser: open the session's websocket, collect what the TUI draws until `want` shows, then
+    call `while_open` with the session still connected."""
+    received = b""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"http://127.0.0.1:{port}/ws?width=120&height=36") as ws,
+    ):
+        deadline = time.monotonic() + timeout
+        while want not in received and time.monotonic() < deadline:
+            try:
+                msg = await ws.receive(timeout=2)
+            except TimeoutError:
+                continue
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                received += msg.data
+            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                break
+        if want in received:  # like a browser, go on reading (and answering a close) meanwhile
+            action = asyncio.ensure_future(asyncio.to_thread(while_open))
+            while not action.done():
+                msg = await ws.receive(timeout=60)
+                if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    break
+            await action
+    return received
+
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20"])
+def test_non_loopback_is_refused_without_public(host: str, tmp_path: Path) -> None:
+    done = nyx_serve("--host", host, "--port", "8123", env=env_for(tmp_path))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert f"refusing to serve on {host}" in done.stderr
+    assert "shell-equivalent" in done.stderr
+    assert "ssh -L 8123:127.0.0.1:8123" in done.stderr and "--public" in done.stderr
+
+
+def test_public_lifts_the_refusal(tmp_path: Path) -> None:
+    """With --public the address is accepted; 192.0.2.1 (TEST-NET) is no address of this box, so the bind
+    fails with its own clear message instead of opening anything."""
+    done = nyx_serve("--host", "192.0.2.1", "--port", "8123", "--public", env=env_for(tmp_path))
+    assert done.returncode == 1
+    assert "refusing" not in done.stderr and "Traceback" not in done.stderr
+    assert "not an address of this machine" in done.stderr
+
+
+def test_taken_port_is_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = nyx_serve("--port", str(port), env=env_for(tmp_path))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert f"port {port} on 127.0.0.1 is already in use" in done.stderr
+    assert "--port" in done.stderr
+
+
+def test_help_gives_the_tunnel_recipe(tmp_path: Path) -> None:
+    done = nyx_serve("--help", env=env_for(tmp_path))
+    assert done.returncode == 0
+    assert "ssh -L 8000:127.0.0.1:8000" in " ".join(done.stdout.split())
+
+
+def test_loopback_detection() -> None:
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"):
+        assert serve.loopback_only(host), host
+    for host in ("0.0.0.0", "::", "10.0.0.5", "192.168.1.20", "2001:db8::1"):
+        assert not serve.loopback_only(host), host
+    with pytest.raises(serve.HostError, match="does not resolve"):
+        serve.loopback_only("no-such-host.invalid")
