@@ -572,30 +572,31 @@ class DashboardScreen(Screen[None]):
 
         self.post_message(StartDemo())
 
-    def action_show_lora(self) -> None:
+    def _final_lora(self) -> Path | None:
+        """The open job's last saved LoRA, or None after telling the user why there is none."""
         if self.job is None:
             self.notify("no job open", severity="warning")
-            return
+            return None
         with self._lock:
             lora = self.series.final_lora()
         if lora is None:
             self.notify("this job has not saved a LoRA yet", severity="warning")
+            return None
+        return _abs_path(self.job, lora)
+
+    def action_show_lora(self) -> None:
+        found = self._final_lora()
+        if found is None:
             return
-        path = str(_abs_path(self.job, lora))
+        path = str(found)
         self.app.copy_to_clipboard(path)
         self.notify(f"{path}\n(copied to the clipboard)", title="LoRA")
 
     def action_lora_tools(self) -> None:
         """Open the job's last LoRA on the LoRA screen (inspect, metadata, resize, convert, compare, upload)."""
-        if self.job is None:
-            self.notify("no job open", severity="warning")
+        path = self._final_lora()
+        if path is None:
             return
-        with self._lock:
-            lora = self.series.final_lora()
-        if lora is None:
-            self.notify("this job has not saved a LoRA yet", severity="warning")
-            return
-        path = _abs_path(self.job, lora)
         open_lora = getattr(self.app, "open_lora", None)
         if callable(open_lora):
             open_lora(path)
