@@ -22,7 +22,7 @@ from nyx_tui.jobs.events import EventWriter
 from nyx_tui.jobs.jobdir import JobDir, list_jobs
 from nyx_tui.jobs.store import Store
 
-RESOURCES = ("gpu", "cpu")
+RESOURCES = ("gpu", "cpu", "none")  # none: an orchestrator that only waits on other jobs holds no slot
 # kinds that want a GPU of their own by default
 GPU_KINDS = frozenset({"train", "tag", "caption", "compare", "lr-find"})
 CANCELLED_QUEUED = "cancelled while queued"

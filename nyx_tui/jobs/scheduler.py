@@ -139,7 +139,10 @@ class Scheduler:
                 continue
             if state not in ACTIVE or not job.supervisor_alive():
                 continue  # queued, or lost (the next `nyx jobs` records it)
-            if resource_of(self._spec(job)) == "gpu":
+            resource = resource_of(self._spec(job))
+            if resource == "none":
+                continue
+            if resource == "gpu":
                 slot = status.get("gpu_slot")
                 if isinstance(slot, str) and slot:
                     taken.extend(slot.split(","))  # a multi-GPU job holds several: "0,1"
@@ -164,6 +167,8 @@ class Scheduler:
                 want = min(gpus_of(self._spec(job)), len(self.slots))  # never more than the machine has
                 if len(free) >= want and self._start(job, ",".join(free[:want])):
                     del free[:want]
+            elif entry.resource == "none":
+                self._start(job, None)
             elif cpu < self.cpu_limit and self._start(job, None):
                 cpu += 1
         return True

@@ -23,6 +23,7 @@ from textual.widgets import DataTable, Footer, Static
 
 from nyx_tui.screens.home import STATE_SYMBOLS
 from nyx_tui.screens.messages import OpenJob
+from nyx_tui.workflows.plan import short_params as format_params
 
 WORKFLOW_KINDS = frozenset({"workflow", "sweep"})
 FILE = "workflow.json"
@@ -51,15 +52,6 @@ def format_loss(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return ""
     return f"{value:.4f}"
-
-
-def format_params(params: Any) -> str:
-    """`k=v` pairs; dotted keys shortened to their last part (`network.dim` → `dim`) when that stays unique."""
-    if not isinstance(params, dict):
-        return ""
-    short = [str(k).rsplit(".", 1)[-1] for k in params]
-    keys = short if len(set(short)) == len(short) else [str(k) for k in params]
-    return " ".join(f"{k}={v}" for k, v in zip(keys, params.values(), strict=True))
 
 
 def state_text(state: Any) -> Text:

@@ -112,15 +112,17 @@ def backend_problems(cfg: TrainingConfig) -> list[Problem]:
     return trainer.problems(cfg)
 
 
-def create_training_job(cfg: TrainingConfig, queue: bool = False) -> JobDir:
+def create_training_job(cfg: TrainingConfig, queue: bool = False, extra: dict[str, object] | None = None) -> JobDir:
     """A queued training job for a config that has passed its checks: a job dir with the resolved config
     snapshot and the backend's worker command. Nothing runs until a supervisor is spawned for it; with
-    `queue` the spec marks it for the scheduler (`jobs.queue.enqueue`)."""
+    `queue` the spec marks it for the scheduler (`jobs.queue.enqueue`); `extra` goes into the spec too (a
+    workflow's stage: `parent`, `stage`)."""
     trainer = get_trainer(cfg)
     if trainer is None:
         raise ValueError(f"no trainer for backend {cfg.backend.name.value!r}")
     name = f"{cfg.model.family.value}-{cfg.saving.output_name}"
-    extra: dict[str, object] = {"backend": trainer.name, "resource": "gpu", "gpus": cfg.training.num_processes}
+    spec: dict[str, object] = {"backend": trainer.name, "resource": "gpu", "gpus": cfg.training.num_processes}
     if queue:
-        extra["queue"] = True
-    return create_job("train", name, argv=trainer.argv(cfg), config_toml=dumps_config(cfg), extra=extra)
+        spec["queue"] = True
+    spec.update(extra or {})
+    return create_job("train", name, argv=trainer.argv(cfg), config_toml=dumps_config(cfg), extra=spec)
