@@ -11,6 +11,9 @@ by the `FAKE_SD_MODE` environment variable:
 - `traceback`: a Python traceback, exit 1; `oom`: a CUDA out-of-memory traceback, exit 1;
 - `nodata`: "No data found", exit 0 (what sd-scripts does with an empty dataset folder);
 - `nosave`: trains and exits 0 without saving.
+
+`FAKE_SD_LORA=PATH` makes each save a copy of that (real) LoRA file instead of placeholder bytes, for a
+workflow whose next stage loads it.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ def save(suffix=""):
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}{suffix}.safetensors")
     with open(path, "wb") as f:
-        f.write(b"fake lora")
+        real = os.environ.get("FAKE_SD_LORA")  # a real LoRA file to write instead of placeholder bytes
+        f.write(open(real, "rb").read() if real else b"fake lora")
     print(f"\nsaving checkpoint: {path}")
     print("model saved.")
 

@@ -378,3 +378,30 @@ def test_a_stage_can_resume_the_state_of_the_one_before(
     steps = [e["step"] for e in read_events(stage2.events_path) if e["kind"] == "step"]
     assert steps == [7, 8, 9, 10]
     assert [e["step"] for e in read_events(stage1.events_path) if e["kind"] == "step"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_kohya_workflow_hands_stage_one_s_lora_to_sd_scripts(
+    assets: dict[str, Path], nyx_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sd-scripts backend (a fake sd-scripts tree that saves a real LoRA of the tiny model): stage 2's
+    sd-scripts config carries stage 1's LoRA as `network_weights`, after Nyx checked it fits the model."""
+    from fake_sd_scripts import make_fake_sd_scripts
+    from lora_files import ALPHA, DIM, attached, config, save_nyx_lora
+
+    _, network = attached(config(assets["model"]))
+    lora = save_nyx_lora(network, tmp_path / "real.safetensors")
+    monkeypatch.setenv("FAKE_SD_LORA", str(lora))
+    monkeypatch.setenv("NYX_KOHYA_DIRECT", "1")
+    tree = make_fake_sd_scripts(tmp_path / "sd-scripts")
+    write_base(assets, tmp_path, backend={"name": "kohya", "path": str(tree)}, network={"dim": DIM, "alpha": ALPHA})
+    text = '[workflow]\nbase = "base.toml"\n[[stage]]\nname = "a"\n[[stage]]\nname = "b"\n'
+    proc = run_nyx("workflow", "run", str(write(tmp_path / "wf.toml", text)), home=nyx_home, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    kinds = jobs_by_kind(nyx_home)
+    stage1, stage2 = sorted(kinds["train"], key=lambda j: j.spec()["created"])
+    assert stage1.spec()["backend"] == stage2.spec()["backend"] == "kohya"
+    saved = stage1.output_dir / "wf-stage1.safetensors"
+    assert record_of(kinds["workflow"][0])["stages"][0]["lora"] == str(saved)
+    sd_config = tomllib.loads((stage2.path / "kohya" / "config.toml").read_text())
+    assert sd_config["network_weights"] == str(saved)
+    assert "network_weights" not in tomllib.loads((stage1.path / "kohya" / "config.toml").read_text())
