@@ -356,7 +356,7 @@ def _fmt_duration(seconds: float | None) -> str:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from nyx_tui.jobs.jobdir import STATES
-    from nyx_tui.jobs.store import Store, select
+    from nyx_tui.jobs.store import Store, group_jobs, select
 
     err = _console(stderr=True)
     states, kinds = _csv(args.state), _csv(args.kind)
@@ -379,11 +379,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table("id", "kind", "family", "state", "steps", "loss", "time", "artifacts", box=None, header_style="bold")
-    for j in jobs:
+    for j, depth in group_jobs(jobs):  # a workflow's or sweep's stages right under it, `└ ` before their ids
         loras = [a for a in j.get("artifacts", []) if a.get("what") == "lora"]
         loss = j.get("final_loss")
         table.add_row(
-            j["id"],
+            "  " * (depth - 1) + "└ " + j["id"] if depth else j["id"],
             j["kind"],
             j.get("family") or "",
             j["state"] + ("" if j.get("exit_code") in (None, 0) else f" ({j['exit_code']})"),

@@ -48,6 +48,9 @@ COLUMNS = (
     "steps",
     "final_loss",
     "duration",
+    # a workflow's or sweep's stage: the orchestrator job that queued it, and the stage's or trial's name
+    "parent",
+    "stage",
     # how far the events were read for `artifacts`, `steps` and `final_loss` (a byte offset)
     "scan_offset",
 )
@@ -70,6 +73,8 @@ _TYPES = {
     "steps": "INTEGER",
     "final_loss": "REAL",
     "duration": "REAL",
+    "parent": "TEXT",
+    "stage": "TEXT",
     "scan_offset": "INTEGER NOT NULL DEFAULT 0",
 }
 _TERMINAL_SQL = ", ".join(f"'{s}'" for s in sorted(TERMINAL))
@@ -84,6 +89,9 @@ CREATE TABLE IF NOT EXISTS queue (
     added REAL NOT NULL
 )
 """
+# columns copied from spec.json as they are: an index that gains one fills it in from each job's spec, since
+# ended jobs are never re-read by `Store.sync`
+SPEC_COLUMNS = ("parent", "stage")
 SCAN_CHUNK = 1 << 20  # bytes of events.jsonl read at a time when summarising a job
 
 
@@ -192,8 +200,66 @@ def job_summary(job: JobDir, scan: EventScan | None = None) -> dict[str, Any]:
         "steps": scan.steps,
         "final_loss": scan.final_loss,
         "duration": duration,
+        **{column: _spec_text(spec, column) for column in SPEC_COLUMNS},
         "scan_offset": scan.offset,
     }
+
+
+def _spec_text(spec: dict[str, Any], key: str) -> str | None:
+    value = spec.get(key)
+    return None if value is None else str(value)
+
+
+def _backfill_spec_columns(con: sqlite3.Connection, columns: list[str]) -> None:
+    """Fill `columns` (just added to an older index) from each indexed job's spec.json."""
+    rows = con.execute("SELECT id, dir FROM jobs").fetchall()
+    for job_id, job_dir in rows:
+        try:
+            spec = json.loads((Path(job_dir) / "spec.json").read_text())
+        except (OSError, ValueError):
+            continue  # a folder gone or broken: `sync` drops or re-reads it
+        if isinstance(spec, dict):
+            values = [_spec_text(spec, c) for c in columns]
+            con.execute(f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?", [*values, job_id])
+
+
+def _creation_order(job: dict[str, Any]) -> tuple[float, str]:
+    created = job.get("created")
+    return (float(created) if isinstance(created, int | float) else 0.0), str(job["id"])
+
+
+def group_jobs(jobs: Iterable[dict[str, Any]]) -> list[tuple[dict[str, Any], int]]:
+    """`jobs` (in the caller's order) as (job, depth): each job whose `parent` is in the list follows its
+    parent (depth one more than the parent's), in the order the children were created; its own place in
+    the caller's order is ignored. A job whose parent is not in the list keeps its place at depth 0."""
+    jobs = list(jobs)
+    ids = {str(j["id"]) for j in jobs}
+    children: dict[str, list[dict[str, Any]]] = {}
+    roots = []
+    for job in jobs:
+        parent = job.get("parent")
+        if parent is not None and str(parent) in ids and parent != job["id"]:
+            children.setdefault(str(parent), []).append(job)
+        else:
+            roots.append(job)
+    for kids in children.values():
+        kids.sort(key=_creation_order)
+    out: list[tuple[dict[str, Any], int]] = []
+    seen: set[str] = set()
+
+    def walk(job: dict[str, Any], depth: int) -> None:
+        if str(job["id"]) in seen:
+            return
+        seen.add(str(job["id"]))
+        out.append((job, depth))
+        for kid in children.get(str(job["id"]), []):
+            walk(kid, depth + 1)
+
+    for job in roots:
+        walk(job, 0)
+    for job in jobs:  # parents that form a loop (hand-edited specs): shown rather than lost
+        walk(job, 0)
+    return out
 
 
 def _output_tail(job: JobDir, limit: int = 16384) -> list[str]:
@@ -260,9 +326,19 @@ class Store:
                 con.execute(_SCHEMA)
                 con.execute(_QUEUE_SCHEMA)
                 have = {row[1] for row in con.execute("PRAGMA table_info(jobs)")}
+                added = []
                 for column in COLUMNS:  # an index written by an older Nyx gains the new columns
-                    if column not in have:
+                    if column in have:
+                        continue
+                    try:
                         con.execute(f"ALTER TABLE jobs ADD COLUMN {column} {_TYPES[column]}")
+                    except sqlite3.OperationalError as e:  # another process added it a moment ago
+                        if "duplicate column" not in str(e):
+                            raise
+                    else:
+                        added.append(column)
+                if backfill := [c for c in SPEC_COLUMNS if c in added]:
+                    _backfill_spec_columns(con, backfill)
             with con:  # one transaction, committed on success
                 yield con
 

@@ -1,5 +1,8 @@
 """The home screen: every job in one table, refreshed about once a second.
 
+A workflow's or sweep's stages (jobs whose spec names a `parent`) are listed right under their orchestrator
+job, indented and labelled with their stage, so the run reads as one unit.
+
 The table is read in a thread worker (`Store().sync()` touches SQLite and every unfinished job's files;
 it must never stall the event loop) that posts `JobsLoaded`; the screen only renders. Opening, stopping
 and starting jobs are requests to the App (`OpenJob`, `ControlJob`, `StartDemo`), which owns state.
@@ -24,6 +27,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, DataTable, Footer, Static
 
 from nyx_tui.jobs.jobdir import TERMINAL
+from nyx_tui.jobs.store import group_jobs
 from nyx_tui.screens.messages import ControlJob, OpenJob, StartDemo
 
 REFRESH_S = 1.0
@@ -80,6 +84,17 @@ class JobRow:
     progress: str
     artifacts: int
     started: str
+    name: str = ""
+    stage: str | None = None
+    depth: int = 0  # 0: a job of its own; 1: a stage of the job in the row above it (or further up)
+
+    @property
+    def label(self) -> str:
+        """The first column: the id, or for a stage `└ <stage>  <name>`, indented under its parent."""
+        if self.depth == 0:
+            return self.id
+        stage = f"{self.stage}  " if self.stage else ""
+        return f"{'  ' * (self.depth - 1)}└ {stage}{self.name or self.id}"
 
 
 def format_started(started: Any) -> str:
@@ -89,9 +104,10 @@ def format_started(started: Any) -> str:
 
 
 def job_rows(summaries: list[dict[str, Any]], progress_cache: dict[str, str]) -> list[JobRow]:
-    """Rows newest first. Ended jobs' progress is cached: their event logs never change again."""
+    """Rows newest first, each workflow's stages under it in the order they were created. Ended jobs'
+    progress is cached: their event logs never change again."""
     rows = []
-    for job in sorted(summaries, key=lambda j: str(j["id"]), reverse=True):
+    for job, depth in group_jobs(sorted(summaries, key=lambda j: str(j["id"]), reverse=True)):
         job_id, state = str(job["id"]), str(job.get("state", "?"))
         progress = progress_cache.get(job_id)
         if progress is None:
@@ -107,6 +123,9 @@ def job_rows(summaries: list[dict[str, Any]], progress_cache: dict[str, str]) ->
                 progress=progress,
                 artifacts=len(job.get("artifacts") or []),
                 started=format_started(job.get("started")),
+                name=str(job.get("name") or job_id),
+                stage=None if job.get("stage") is None else str(job["stage"]),
+                depth=depth,
             )
         )
     return rows
@@ -251,7 +270,7 @@ class HomeScreen(Screen[None]):
         table.clear()
         for row in self.rows:
             table.add_row(
-                row.id,
+                row.label,
                 row.kind,
                 self._state_text(row.state),
                 row.progress,
