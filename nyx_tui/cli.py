@@ -376,9 +376,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(jobs, indent=1))
         return EXIT_OK
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    table = Table("id", "kind", "family", "state", "steps", "loss", "time", "artifacts", box=None, header_style="bold")
+    table = Table("kind", "family", "state", "steps", "loss", "time", "artifacts", box=None, header_style="bold")
+    # `└ ` + an id must not wrap; the other columns keep what they need (about 56 characters)
+    id_width = max(24, _console().width - 56)
+    table.columns.insert(0, Column("id", no_wrap=True, overflow="ellipsis", max_width=id_width))
     for j, depth in group_jobs(jobs):  # a workflow's or sweep's stages right under it, `└ ` before their ids
         loras = [a for a in j.get("artifacts", []) if a.get("what") == "lora"]
         loss = j.get("final_loss")
