@@ -363,6 +363,7 @@ def tag_rows(info: dict[str, Any], limit: int = TOP_TAGS) -> list[tuple[str, int
     return rows[:limit]
 
 
+TAG_WIDTH = 18  # the tag column of the tag-frequency table (its panel is about 28 columns wide)
 MODULE_COLUMNS = ("kind", "rank", "alpha", "name")  # the long name last: the numbers stay in view
 
 
@@ -537,9 +538,12 @@ class LoraScreen(Screen[None]):
         for table_id, columns in (
             ("#lora-modules", MODULE_COLUMNS),
             ("#lora-training", ("parameter", "value")),
-            ("#lora-tags", ("tag", "count")),
         ):
             self.query_one(table_id, DataTable).add_columns(*columns)
+        # fixed widths: an auto-sized header could be drawn before the rows widen it (a stale header line)
+        tags = self.query_one("#lora-tags", DataTable)
+        tags.add_column("tag", width=TAG_WIDTH)
+        tags.add_column("count", width=6)
         self.query_one("#upload-token", Static).update(self._token_text())
         self.refresh_files()
         if self.initial is not None:
