@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -145,7 +146,6 @@ async def browser_session(port: int, want: bytes, while_open: Callable[[], objec
     return received
 
 
-
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20"])
 def test_non_loopback_is_refused_without_public(host: str, tmp_path: Path) -> None:
     done = nyx_serve("--host", host, "--port", "8123", env=env_for(tmp_path))
@@ -190,3 +190,42 @@ def test_loopback_detection() -> None:
         assert not serve.loopback_only(host), host
     with pytest.raises(serve.HostError, match="does not resolve"):
         serve.loopback_only("no-such-host.invalid")
+
+
+def listening_on(port: int) -> set[str]:
+    """The local addresses with a socket listening on `port` (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.rsplit(":", 1)
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    raw = bytes.fromhex(address)
+                    if len(raw) == 4:
+                        found.add(socket.inet_ntop(socket.AF_INET, raw[::-1]))
+                    else:
+                        words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+                        found.add(socket.inet_ntop(socket.AF_INET6, words))
+    return found
+
+
+def test_serve_answers_its_page_over_loopback_and_stops_cleanly(server: tuple[subprocess.Popen[str], int]) -> None:
+    """The page a browser loads: textual-serve's, naming the session websocket on the same loopback address
+    (and, behind a tunnel from another local port, on the port the browser used). Ctrl+C stops the server."""
+    proc, port = server
+    page = fetch_page(port)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert f'data-session-websocket-url="ws://127.0.0.1:{port}/ws"' in page.text
+    assert f"http://127.0.0.1:{port}/static/" in page.text  # its scripts come from the same server
+    tunnelled = fetch_page(port, host="127.0.0.1:9000")
+    assert 'data-session-websocket-url="ws://127.0.0.1:9000/ws"' in tunnelled.text
+    static = re.search(r'src="(http://127\.0\.0\.1:\d+/static/[^"]+\.js)"', page.text)
+    assert static, page.text[:2000]
+    assert httpx.get(static.group(1), timeout=5).status_code == 200
+    assert listening_on(port) == {"127.0.0.1"}  # loopback only: not the wildcard address, not IPv6
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "Nyx in the browser: http://127.0.0.1:" in out and "ssh -L" in out
+    assert not descendants(proc.pid)
