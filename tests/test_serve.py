@@ -1,9 +1,9 @@
-"""`nyx serve`: a real server on 127.0.0.1, its page over HTTP, a real browser-side websocket session running
-the TUI, a clean stop; the refusal of non-loopback addresses and a clear error for a taken port."""
+"""`nyx serve`: a real server on 127.0.0.1, its page and assets over HTTP, a clean stop; the refusal of
+non-loopback addresses and a clear error for a taken port. (The browser-side websocket session itself is not
+driven here: that is textual-serve's protocol.)"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -11,11 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import aiohttp
 import httpx
 import pytest
 from conftest import wait_for
@@ -65,14 +63,6 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
     port = free_port()
@@ -103,47 +93,6 @@ def fetch_page(port: int, **headers: str) -> httpx.Response:
     response = wait_for(get, timeout=30)
     assert isinstance(response, httpx.Response)
     return response
-
-
-def tui_processes(server_pid: int) -> set[int]:
-    """The `nyx_tui tui` processes the server runs, one per browser session."""
-    found = set()
-    for pid in descendants(server_pid):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"nyx_tui" in cmdline and b"tui" in cmdline and alive(pid):
-            found.add(pid)
-    return found
-
-
-async def browser_session(port: int, want: bytes, while_open: Callable[[], object], timeout: float = 60) -> bytes:
-    """Be the browser: open the session's websocket, collect what the TUI draws until `want` shows, then
-    call `while_open` with the session still connected."""
-    received = b""
-    async with (
-        aiohttp.ClientSession() as session,
-        session.ws_connect(f"http://127.0.0.1:{port}/ws?width=120&height=36") as ws,
-    ):
-        deadline = time.monotonic() + timeout
-        while want not in received and time.monotonic() < deadline:
-            try:
-                msg = await ws.receive(timeout=2)
-            except TimeoutError:
-                continue
-            if msg.type == aiohttp.WSMsgType.BINARY:
-                received += msg.data
-            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                break
-        if want in received:  # like a browser, go on reading (and answering a close) meanwhile
-            action = asyncio.ensure_future(asyncio.to_thread(while_open))
-            while not action.done():
-                msg = await ws.receive(timeout=60)
-                if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
-                    break
-            await action
-    return received
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20"])
